@@ -1,0 +1,724 @@
+"""Data layer: labels, discovery of the competition layout, person-level splits,
+datasets, augmentations and the decoded-image cache.
+
+Pipeline, in one line: decode + crop + resize once (optionally cached as uint8 in a
+memmap) -> cheap uint8 augmentation in the workers -> uint8 batch to the device ->
+batched colour jitter and normalisation there (`BatchTransform`). Validation and
+inference use the same path without the random parts.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubscribe the cores
+
+# --------------------------------------------------------------------------- labels
+MASK_KINDS = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
+GENDERS = {"male": 0, "female": 1}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+DEFAULT_AGE_BINS = (30, 60)
+TASK_CLASSES = {"all": 18, "mask": 3, "genderage": 6, "multi": 18}
+PERSON_DIR = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>[^_]+)_(?P<age>[^_]+)$")
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line and names the offending path."""
+
+
+def age_label(age: int, age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> int:
+    """0 below the first cut, 1 between, 2 at or above the second (`30 60`: 29->0, 30->1, 60->2)."""
+    return bisect.bisect_right(list(age_bins), age)
+
+
+def encode_class(mask: int, gender: int, age: int) -> int:
+    """18-class label: mask * 6 + gender * 3 + age (age already binned)."""
+    return mask * 6 + gender * 3 + age
+
+
+def decode_class(label: int) -> tuple[int, int, int]:
+    return label // 6, (label // 3) % 2, label % 3
+
+
+def task_target(mask: int, gender: int, age: int, task: str) -> int | tuple[int, int, int]:
+    """The label a model of `task` is trained on (age already binned)."""
+    if task == "all":
+        return encode_class(mask, gender, age)
+    if task == "mask":
+        return mask
+    if task == "genderage":
+        return gender * 3 + age
+    if task == "multi":
+        return (mask, gender, age)
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_CLASSES)}")
+
+
+# --------------------------------------------------------------------------- discovery
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    person: str  # the person's folder name
+    kind: str  # mask1..mask5, incorrect_mask, normal
+    mask: int
+    gender: int
+    age: int  # raw age in years; binned on demand so the cut points stay a setting
+
+    def target(self, task: str, age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> int | tuple[int, int, int]:
+        return task_target(self.mask, self.gender, age_label(self.age, age_bins), task)
+
+    def label18(self, age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> int:
+        return encode_class(self.mask, self.gender, age_label(self.age, age_bins))
+
+
+def images_root(data_dir: str | os.PathLike) -> Path:
+    """Accept `train/` (holding `images/`) or `train/images` itself."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    if (root / "images").is_dir():
+        return root / "images"
+    return root
+
+
+def check_image(path: str | os.PathLike) -> str | None:
+    """Cheap validity check without a full decode: returns why the file is bad, or None.
+
+    Reads the header (PIL) and the last bytes: a JPEG must end with its EOI marker and a
+    PNG with its IEND chunk, which catches the truncated files a crashed copy leaves.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            fmt = im.format
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 16))
+            tail = f.read()
+    except Exception as e:  # PIL raises several types for garbage
+        return f"unreadable image ({e.__class__.__name__})"
+    if fmt == "JPEG" and b"\xff\xd9" not in tail[-4:] and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "truncated JPEG (no end-of-image marker)"
+    if fmt == "PNG" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def discover(
+    data_dir: str | os.PathLike,
+    skip_bad_images: bool = False,
+    age_bins: Sequence[int] = DEFAULT_AGE_BINS,
+    verbose: bool = True,
+) -> list[Sample]:
+    """Find every training image of the competition layout.
+
+    Hidden files (`._mask1.jpg`, `.DS_Store`) and non-image files are skipped and
+    counted; structural problems raise DataError naming the path; bad images raise
+    too unless `skip_bad_images`, which warns and drops them.
+    """
+    root = images_root(data_dir)
+    people = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not people:
+        raise DataError(f"no person folders (<id>_<gender>_<race>_<age>) in {root}")
+    samples: list[Sample] = []
+    skipped: dict[str, int] = {}
+    bad: list[str] = []
+    incomplete: list[str] = []
+    for person in people:
+        match = PERSON_DIR.match(person.name)
+        if not match:
+            raise DataError(f"folder name is not <id>_<gender>_<race>_<age>: {person}")
+        gender = GENDERS.get(match["gender"].lower())
+        if gender is None:
+            raise DataError(f"unknown gender {match['gender']!r} (expected male/female): {person}")
+        if not match["age"].isdigit():
+            raise DataError(f"age is not a number ({match['age']!r}): {person}")
+        age = int(match["age"])
+        found: dict[str, Path] = {}
+        for file in sorted(person.iterdir()):
+            if file.name.startswith("."):
+                skipped["hidden file"] = skipped.get("hidden file", 0) + 1
+                continue
+            if file.suffix.lower() not in IMAGE_EXTENSIONS or file.stem not in MASK_KINDS or not file.is_file():
+                skipped["not a mask image"] = skipped.get("not a mask image", 0) + 1
+                continue
+            if file.stem in found:
+                raise DataError(f"two files for {file.stem!r}: {found[file.stem]} and {file}")
+            found[file.stem] = file
+        for kind, file in found.items():
+            reason = check_image(file)
+            if reason:
+                if not skip_bad_images:
+                    raise DataError(f"{reason}: {file} (pass --skip_bad_images to drop such images)")
+                bad.append(f"{file} ({reason})")
+                continue
+            samples.append(Sample(str(file), person.name, kind, MASK_KINDS[kind], gender, age))
+        if len(found) < len(MASK_KINDS):
+            incomplete.append(f"{person.name} lacks {', '.join(k for k in MASK_KINDS if k not in found)}")
+    for line in bad:
+        warnings.warn(f"skipped bad image {line}", stacklevel=2)
+    for line in incomplete:
+        warnings.warn(f"incomplete person: {line}", stacklevel=2)
+    if not samples:
+        raise DataError(f"no usable images under {root}")
+    if verbose:
+        print(summarize(samples, age_bins, skipped, len(bad)))
+    return samples
+
+
+def summarize(samples: Sequence[Sample], age_bins: Sequence[int], skipped: dict[str, int] | None = None,
+              n_bad: int = 0) -> str:
+    counts = np.bincount([s.label18(age_bins) for s in samples], minlength=18)
+    people = len({s.person for s in samples})
+    lines = [f"data: {people} people, {len(samples)} images, age bins {list(age_bins)}",
+             "  images per class: " + " ".join(f"{c}:{n}" for c, n in enumerate(counts))]
+    notes = [f"{n} {why}" for why, n in sorted((skipped or {}).items())]
+    if n_bad:
+        notes.append(f"{n_bad} bad image(s) dropped")
+    if notes:
+        lines.append("  skipped: " + ", ".join(notes))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- splits
+def person_strata(samples: Sequence[Sample], age_bins: Sequence[int]) -> tuple[list[str], list[int]]:
+    """Each person once, with their gender x age class (0..5) for stratification."""
+    by_person: dict[str, int] = {}
+    for s in samples:
+        by_person.setdefault(s.person, s.gender * 3 + age_label(s.age, age_bins))
+    people = sorted(by_person)
+    return people, [by_person[p] for p in people]
+
+
+def split_by_profile(samples: Sequence[Sample], val_ratio: float, seed: int,
+                     age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> tuple[list[int], list[int]]:
+    """Person-level split: exactly round(n_people * val_ratio) people in validation,
+    stratified by gender x age when every stratum allows it, no person on both sides."""
+    from sklearn.model_selection import train_test_split
+
+    people, strata = person_strata(samples, age_bins)
+    n_val = round(len(people) * val_ratio)
+    if n_val == 0:
+        return list(range(len(samples))), []
+    if n_val >= len(people):
+        raise DataError(f"val_ratio {val_ratio} leaves no training person out of {len(people)}")
+    counts = np.bincount(strata)
+    can_stratify = counts[counts > 0].min() >= 2 and n_val >= len(counts[counts > 0]) \
+        and len(people) - n_val >= len(counts[counts > 0])
+    _, val_people = train_test_split(people, test_size=n_val, random_state=seed,
+                                     stratify=strata if can_stratify else None)
+    val_set = set(val_people)
+    train_idx = [i for i, s in enumerate(samples) if s.person not in val_set]
+    val_idx = [i for i, s in enumerate(samples) if s.person in val_set]
+    return train_idx, val_idx
+
+
+def split_by_image(samples: Sequence[Sample], val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """Image-level random split (the original MaskBaseDataset). Leaky: one person's
+    photos land on both sides, so validation scores are optimistic."""
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_val = round(len(samples) * val_ratio)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def kfold_split(samples: Sequence[Sample], k: int, fold: int, seed: int,
+                age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> tuple[list[int], list[int]]:
+    """Fold `fold` of K by person (StratifiedGroupKFold on the 18 classes, grouped by person)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not 0 <= fold < k:
+        raise ValueError(f"--fold must be in 0..{k - 1}, got {fold}")
+    labels = [s.label18(age_bins) for s in samples]
+    groups = [s.person for s in samples]
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    train_idx, val_idx = list(splitter.split(np.zeros(len(samples)), labels, groups))[fold]
+    return train_idx.tolist(), val_idx.tolist()
+
+
+# --------------------------------------------------------------------------- images
+REFERENCE_FRAME = (512, 384)  # (H, W) of the competition photos; crop sizes are given in its pixels
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode to RGB uint8 HWC (OpenCV: ~4x faster than PIL + torchvision)."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:  # OpenCV returns None rather than raising; PIL names the problem better
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise DataError(f"cannot decode image ({e.__class__.__name__}): {path}") from None
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def crop_box(height: int, width: int, crop: Sequence | None) -> tuple[int, int, int, int]:
+    """(top, left, h, w) for a crop given in 384x512-photo pixels, scaled to this image
+    so the same part of the frame is kept whatever the resolution."""
+    if not crop:
+        return 0, 0, height, width
+    mode, ch, cw = crop[0], int(crop[1]), int(crop[2])
+    scale = min(height / REFERENCE_FRAME[0], width / REFERENCE_FRAME[1])
+    ch, cw = min(height, max(1, round(ch * scale))), min(width, max(1, round(cw * scale)))
+    left = (width - cw) // 2
+    if mode == "center":
+        top = (height - ch) // 2
+    elif mode == "bust":  # head and shoulders: start an eighth of the way down the frame
+        top = min(height - ch, height // 8)
+    else:
+        raise ValueError(f"unknown crop mode {mode!r} (center or bust)")
+    return top, left, ch, cw
+
+
+def preprocess(img: np.ndarray, resize: Sequence[int], crop: Sequence | None = None) -> np.ndarray:
+    """The deterministic part: crop, then resize to (H, W). INTER_AREA for shrinking avoids aliasing."""
+    top, left, h, w = crop_box(img.shape[0], img.shape[1], crop)
+    img = img[top:top + h, left:left + w]
+    out_h, out_w = int(resize[0]), int(resize[1])
+    if img.shape[:2] != (out_h, out_w):
+        shrinking = out_h * out_w < img.shape[0] * img.shape[1]
+        img = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return np.ascontiguousarray(img)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mask-toolkit"
+
+
+class ImageStore:
+    """Preprocessed uint8 images by index: decoded on demand, or from a memmap cache.
+
+    The cache is one uint8 file of shape (N, H, W, 3) plus a fill-flag file, keyed by the
+    file list, their mtimes and sizes, the crop and the size. Workers fill it lazily during
+    the first epoch (each writes its own rows), so the cold epoch is parallel and there is
+    no separate pre-pass; later epochs and later runs only read. Memory stays bounded:
+    pages come from the OS page cache, never one Python object per image.
+    """
+
+    def __init__(self, paths: Sequence[str], resize: Sequence[int], crop: Sequence | None = None,
+                 cache_dir: str | os.PathLike | None = None):
+        self.paths = list(paths)
+        self.resize = (int(resize[0]), int(resize[1]))
+        self.crop = list(crop) if crop else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._pixels: np.ndarray | None = None
+        self._filled: np.ndarray | None = None
+        self.key = self._key() if self.cache_dir else None
+
+    def _key(self) -> str:
+        h = hashlib.sha1(json.dumps({"v": 1, "resize": self.resize, "crop": self.crop}).encode())
+        for p in self.paths:
+            st = os.stat(p)
+            h.update(f"{os.path.abspath(p)}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
+        return h.hexdigest()[:20]
+
+    @property
+    def cache_files(self) -> tuple[Path, Path, Path]:
+        base = self.cache_dir / f"images-{self.key}"
+        return base.with_suffix(".u8"), base.with_suffix(".filled"), base.with_suffix(".json")
+
+    def is_complete(self) -> bool:
+        """True when every image is already in the cache (a warm start: no decoding)."""
+        return self.cache_dir is not None and self.cache_files[2].exists()
+
+    def _open(self) -> None:
+        # Opened lazily in each process (after fork/spawn), never pickled with the dataset.
+        data, flags, meta = self.cache_files
+        shape = (len(self.paths), *self.resize, 3)
+        if meta.exists():
+            self._pixels = np.memmap(data, np.uint8, "r", shape=shape)
+            self._filled = None
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for path, size in ((data, int(np.prod(shape))), (flags, len(self.paths))):
+            if not path.exists():
+                # Create-if-absent atomically: several processes (DDP ranks, workers) may race
+                # here, and replacing a file another one already writes into would lose rows.
+                tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    f.truncate(size)  # sparse zero file
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass
+                tmp.unlink()
+        self._pixels = np.memmap(data, np.uint8, "r+", shape=shape)
+        self._filled = np.memmap(flags, np.uint8, "r+", shape=(len(self.paths),))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_pixels"] = state["_filled"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def decode(self, index: int) -> np.ndarray:
+        return preprocess(load_image(self.paths[index]), self.resize, self.crop)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self.cache_dir is None:
+            return self.decode(index)
+        if self._pixels is None:
+            self._open()
+        if self._filled is not None and not self._filled[index]:
+            self._pixels[index] = self.decode(index)
+            self._filled[index] = 1  # flag after the pixels: a crash leaves the row unflagged
+        return np.array(self._pixels[index])  # a private, writable copy of one small image
+
+    def fill(self, indices: Iterable[int] | None = None) -> None:
+        """Decode whatever is missing (used before marking the cache complete)."""
+        for i in range(len(self)) if indices is None else indices:
+            self[i]
+
+    def finalize(self) -> bool:
+        """Mark the cache complete once every row is filled; later opens are read-only."""
+        if self.cache_dir is None or self.is_complete():
+            return self.is_complete()
+        if self._pixels is None:
+            self._open()
+        if self._filled is None or not self._filled.all():
+            return False
+        self._pixels.flush()
+        data, flags, meta = self.cache_files
+        tmp = meta.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"n": len(self.paths), "resize": self.resize, "crop": self.crop}))
+        os.replace(tmp, meta)
+        flags.unlink(missing_ok=True)
+        self._pixels = self._filled = None
+        return True
+
+
+# --------------------------------------------------------------------------- augmentations
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Augmentation:
+    """What a named augmentation does, split by where it runs.
+
+    `crop` and the resize are deterministic and cached; `cpu_ops` run per sample in the
+    workers on the small uint8 image; `jitter` (brightness, contrast, saturation, hue)
+    and normalisation run batched on the device (BatchTransform).
+    """
+    name: str
+    crop: tuple | None = None
+    hflip: float = 0.0
+    shift_scale: tuple[float, float] | None = None  # (max shift fraction, max scale change)
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    noise_std: float = 0.0  # additive Gaussian noise after normalisation (original AddGaussianNoise)
+    album: Callable[[], object] | None = None  # albumentations Compose factory for uint8 HWC
+    _album_pipeline: object = field(default=None, repr=False)
+
+    def cpu_transform(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.hflip and rng.random() < self.hflip:
+            img = img[:, ::-1]
+        if self.shift_scale and rng.random() < 0.8:
+            shift, scale = self.shift_scale
+            h, w = img.shape[:2]
+            s = 1.0 + rng.uniform(-scale, scale)
+            tx, ty = rng.uniform(-shift, shift, size=2) * (w, h)
+            matrix = np.float32([[s, 0, (1 - s) * w / 2 + tx], [0, s, (1 - s) * h / 2 + ty]])
+            img = cv2.warpAffine(np.ascontiguousarray(img), matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_REFLECT_101)
+        if self.album is not None:
+            if self._album_pipeline is None:
+                self._album_pipeline = self.album()
+            self._album_pipeline.set_random_seed(int(rng.integers(2**31)))
+            img = self._album_pipeline(image=np.ascontiguousarray(img))["image"]
+        return np.ascontiguousarray(img)
+
+    @property
+    def is_random(self) -> bool:
+        return bool(self.hflip or self.shift_scale or any(self.jitter) or self.noise_std or self.album)
+
+
+AUGMENTATIONS: dict[str, Callable[[], Augmentation]] = {}
+
+
+def register_augmentation(fn: Callable[[], Augmentation]) -> Callable[[], Augmentation]:
+    AUGMENTATIONS[fn.__name__] = fn
+    return fn
+
+
+def create_augmentation(name: str) -> Augmentation:
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; known: {', '.join(sorted(AUGMENTATIONS))}")
+    return AUGMENTATIONS[name]()
+
+
+@register_augmentation
+def BaseAugmentation() -> Augmentation:
+    """Resize + normalise, nothing random (the original baseline)."""
+    return Augmentation("BaseAugmentation")
+
+
+@register_augmentation
+def FlipAugmentation() -> Augmentation:
+    """Horizontal flip only: faces are left-right symmetric, so it is nearly free accuracy."""
+    return Augmentation("FlipAugmentation", hflip=0.5)
+
+
+@register_augmentation
+def FastAugmentation() -> Augmentation:
+    """Flip, small shift/scale, colour jitter: the cheap, strong default for real photos."""
+    return Augmentation("FastAugmentation", hflip=0.5, shift_scale=(0.06, 0.1), jitter=(0.2, 0.2, 0.2, 0.05))
+
+
+@register_augmentation
+def CustomAugmentation() -> Augmentation:
+    """Original: CenterCrop(320, 256), ColorJitter(0.1, 0.1, 0.1, 0.1), Gaussian noise."""
+    return Augmentation("CustomAugmentation", crop=("center", 320, 256), jitter=(0.1, 0.1, 0.1, 0.1), noise_std=0.1)
+
+
+@register_augmentation
+def MyAugmentationCenter() -> Augmentation:
+    """Centre crop 256x256 (in 384x512-photo pixels), then resize."""
+    return Augmentation("MyAugmentationCenter", crop=("center", 256, 256))
+
+
+@register_augmentation
+def MyAugmentationBust() -> Augmentation:
+    """Upper-body crop 384x384 starting an eighth of the way down, then resize."""
+    return Augmentation("MyAugmentationBust", crop=("bust", 384, 384))
+
+
+def _album_good():
+    import albumentations as A
+    return A.Compose([A.HorizontalFlip(p=0.5),
+                      A.Affine(translate_percent=(-0.05, 0.05), scale=(0.9, 1.1), rotate=(-10, 10), p=0.5),
+                      A.RandomBrightnessContrast(p=0.5), A.HueSaturationValue(p=0.3),
+                      A.GaussNoise(std_range=(0.02, 0.08), p=0.2)])
+
+
+def _album_flip():
+    import albumentations as A
+    return A.Compose([A.HorizontalFlip(p=0.5)])
+
+
+def _album_best():
+    import albumentations as A
+    return A.Compose([A.HorizontalFlip(p=0.5),
+                      A.Affine(translate_percent=(-0.05, 0.05), scale=(0.95, 1.05), rotate=(-10, 10), p=0.5),
+                      A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+                      A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=15, val_shift_limit=10, p=0.3),
+                      A.CoarseDropout(num_holes_range=(1, 2), hole_height_range=(0.05, 0.15),
+                                      hole_width_range=(0.05, 0.15), p=0.2)])
+
+
+@register_augmentation
+def GoodAugmentation() -> Augmentation:
+    """Albumentations assortment: flip, shift-scale-rotate, brightness/contrast, HSV, noise."""
+    return Augmentation("GoodAugmentation", album=_album_good)
+
+
+@register_augmentation
+def AugForInception() -> Augmentation:
+    """Centre crop 299x299 (photo pixels) plus the GoodAugmentation set; use --resize 299 299."""
+    return Augmentation("AugForInception", crop=("center", 299, 299), album=_album_good)
+
+
+@register_augmentation
+def CustomAlbumentationAug() -> Augmentation:
+    """Template for your own albumentations pipeline: resize + flip."""
+    return Augmentation("CustomAlbumentationAug", album=_album_flip)
+
+
+@register_augmentation
+def BestAugForAlbum() -> Augmentation:
+    """Bust crop + flip, mild geometry and colour, small cutout."""
+    return Augmentation("BestAugForAlbum", crop=("bust", 384, 384), album=_album_best)
+
+
+class BatchTransform:
+    """uint8 NCHW batch on the device -> normalised float, with per-sample colour jitter
+    when training. All four jitter operations are per-pixel linear maps in RGB, so one
+    batched 3x3 matrix and offset per sample does them (hue as a rotation in YIQ space)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], jitter=(0.0, 0.0, 0.0, 0.0),
+                 noise_std: float = 0.0, channels_last: bool = False):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.jitter = tuple(float(j) for j in jitter)
+        self.noise_std = noise_std
+        self.channels_last = channels_last
+
+    def _color_matrix(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, s, h = self.jitter
+        eye = torch.eye(3, device=device).expand(n, 3, 3)
+        gray = torch.tensor([0.299, 0.587, 0.114], device=device)
+        lum = gray.view(1, 1, 3).expand(n, 3, 3)
+
+        def factor(strength: float) -> torch.Tensor:
+            return (1 + (torch.rand(n, device=device) * 2 - 1) * strength).view(n, 1, 1)
+
+        matrix = eye * factor(b) if b else eye.clone()
+        offset_weight = torch.zeros(n, 3, 3, device=device)
+        if c:  # blend with the image's mean grey level: x*f + (1-f)*mean(gray(x))
+            f = factor(c)
+            matrix, offset_weight = matrix * f, (1 - f) * lum @ matrix  # offset uses the image mean below
+        if s:
+            f = factor(s)
+            sat = eye * f + (1 - f) * lum
+            matrix, offset_weight = sat @ matrix, sat @ offset_weight
+        if h:
+            theta = (torch.rand(n, device=device) * 2 - 1) * h * 2 * torch.pi
+            to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                                  device=device)
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            rot = torch.zeros(n, 3, 3, device=device)
+            rot[:, 0, 0] = 1
+            rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+            hue = torch.linalg.inv(to_yiq) @ rot @ to_yiq
+            matrix, offset_weight = hue @ matrix, hue @ offset_weight
+        return matrix, offset_weight
+
+    def __call__(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        x = images.float().div_(255)
+        if train and any(self.jitter):
+            n = x.shape[0]
+            matrix, offset_weight = self._color_matrix(n, x.device)
+            channel_mean = x.mean(dim=(2, 3))  # (n, 3)
+            offset = (offset_weight @ channel_mean.unsqueeze(-1)).view(n, 3, 1, 1)
+            x = torch.einsum("nij,njhw->nihw", matrix, x).add_(offset).clamp_(0, 1)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if train and self.noise_std:
+            x = x + torch.randn_like(x) * self.noise_std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+# --------------------------------------------------------------------------- datasets
+class MaskDataset(Dataset):
+    """Training/validation images -> (uint8 CHW tensor, target). `train` enables the
+    augmentation's per-sample random ops; validation is never augmented."""
+
+    def __init__(self, samples: Sequence[Sample], store: ImageStore, indices: Sequence[int], task: str = "all",
+                 age_bins: Sequence[int] = DEFAULT_AGE_BINS, augmentation: Augmentation | None = None,
+                 train: bool = False, seed: int = 0):
+        if task not in TASK_CLASSES:
+            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_CLASSES)}")
+        self.samples, self.store, self.indices = samples, store, list(indices)
+        self.task, self.age_bins = task, tuple(age_bins)
+        self.augmentation = augmentation if train else None
+        self.targets = [samples[i].target(task, self.age_bins) for i in self.indices]
+        self.seed = seed
+        # Shared with the (persistent) workers so set_epoch reaches them: each sample's
+        # random ops depend on (seed, epoch, index) only, whatever worker draws it, which
+        # makes runs and --resume reproducible.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img = self.store[self.indices[i]]
+        if self.augmentation is not None and self.augmentation.is_random:
+            rng = np.random.default_rng((self.seed, int(self._epoch[0]), self.indices[i]))
+            img = self.augmentation.cpu_transform(img, rng)
+        target = self.targets[i]
+        target = torch.tensor(target) if isinstance(target, tuple) else target
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), target
+
+    def labels18(self) -> list[int]:
+        return [self.samples[i].label18(self.age_bins) for i in self.indices]
+
+
+class TestDataset(Dataset):
+    """Evaluation images in `info.csv` row order -> (uint8 CHW tensor, row index)."""
+
+    def __init__(self, store: ImageStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(self.store[i]).permute(2, 0, 1), i
+
+
+def read_eval_info(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """`eval/info.csv` and the image paths in its row order; errors name the file."""
+    root = Path(data_dir)
+    info_path = root / "info.csv"
+    if not info_path.is_file():
+        raise DataError(f"info.csv not found: {info_path}")
+    try:
+        info = pd.read_csv(info_path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"info.csv is empty: {info_path}") from None
+    if "ImageID" not in info.columns:
+        raise DataError(f"info.csv has no ImageID column: {info_path}")
+    if info.empty:
+        raise DataError(f"info.csv has no rows: {info_path}")
+    paths = [str(root / "images" / str(image_id)) for image_id in info["ImageID"]]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise DataError(f"image listed in info.csv not found: {p}")
+    return info, paths
+
+
+# Names users already type (SPEC §3): how each splits and which labels it yields.
+# "ForAlbum" variants share the one pipeline, which accepts every augmentation.
+DATASETS = {
+    "MaskBaseDataset": {"split": "image", "task": "all"},
+    "MaskSplitByProfileDataset": {"split": "profile", "task": "all"},
+    "MaskBaseDatasetForAlbum": {"split": "image", "task": "all"},
+    "MaskSplitByProfileDatasetForAlbum": {"split": "profile", "task": "all"},
+    "MaskSplitByProfileDatasetForAlbumOnlyMask": {"split": "profile", "task": "mask"},
+    "MaskSplitByProfileDatasetForAlbumOnlyGenderAge": {"split": "profile", "task": "genderage"},
+}
+TEST_DATASETS = ("TestDataset", "TestDatasetForAlbum")
+
+
+def dataset_spec(name: str) -> dict:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}"
+                         + (f" ({name} is for inference)" if name in TEST_DATASETS else ""))
+    return DATASETS[name]
+
+
+def split_indices(samples: Sequence[Sample], dataset: str, val_ratio: float, seed: int,
+                  age_bins: Sequence[int] = DEFAULT_AGE_BINS, kfold: int = 0, fold: int = 0
+                  ) -> tuple[list[int], list[int]]:
+    """Train/validation indices as the named dataset splits (K-fold is always by person)."""
+    if kfold:
+        return kfold_split(samples, kfold, fold, seed, age_bins)
+    if dataset_spec(dataset)["split"] == "image":
+        return split_by_image(samples, val_ratio, seed)
+    return split_by_profile(samples, val_ratio, seed, age_bins)
+
+
+def default_num_workers() -> int:
+    """One worker per core beyond the main process, at most 8 (more rarely helps)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1)) if cores > 2 else cores
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
+                sampler=None, pin_memory: bool = False, drop_last: bool = False, seed: int | None = None
+                ) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=num_workers > 0, generator=generator,
+                      prefetch_factor=4 if num_workers > 0 else None)

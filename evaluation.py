@@ -1,0 +1,201 @@
+"""Score a submission against the ground truth (SPEC §1, §2).
+
+    SM_GROUND_TRUTH_DIR=gt_dir SM_OUTPUT_DATA_DIR=out_dir python evaluation.py
+    python evaluation.py --gt gt.csv --pred output.csv [--json]
+
+Both files are CSVs with the columns `ImageID,ans` (other columns are ignored). Rows are paired by
+ImageID, never by position, so the prediction file may be in any order. Prints accuracy, macro F1
+over the 18 classes (the competition's scorer, see metrics.py), F1 of the mask, gender, age and
+gender-age sub-tasks, the per-class report and the confusion matrix. With `--json` stdout holds
+exactly one JSON object instead.
+
+Exit codes: 0 scored; 2 bad input (missing file or path, unreadable CSV, missing column, empty or
+duplicate ImageID, ImageIDs missing from or extra in the predictions, a label that is not an integer
+in 0..17) -- each reported as one line `error: <what> (<file>)` on stderr, the same code argparse
+uses for a bad command line.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import metrics
+
+NUM_CLASSES = 18
+ID_COL, LABEL_COL = "ImageID", "ans"
+EXIT_BAD_INPUT = 2
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_INT_FLOAT = re.compile(r"([+-]?[0-9]+)\.0*", re.ASCII)  # "3.0": an integer written by a float column
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input; str() is one line naming the file."""
+
+    def __init__(self, what: str, path: str | os.PathLike | None = None):
+        super().__init__(f"{what} ({path})" if path is not None else what)
+
+
+def _examples(items: Sequence[str], k: int = 3) -> str:
+    shown = ", ".join(repr(s) for s in items[:k])
+    return shown + (", ..." if len(items) > k else "")
+
+
+def parse_label(text: str) -> int | None:
+    """Integer label from a CSV cell ("7", " 7 ", "7.0"); None for anything else ("7.5", "abc", "")."""
+    s = text.strip()
+    m = _INT.fullmatch(s) or _INT_FLOAT.fullmatch(s)
+    return int(m.group(1) if m.re is _INT_FLOAT else s) if m else None
+
+
+def read_labels(path: str | os.PathLike) -> dict[str, int]:
+    """ImageID -> label from a CSV with ImageID and ans columns, validated (see the module doc)."""
+    p = Path(path)
+    if not p.exists():
+        raise EvaluationError("file not found", path)
+    if not p.is_file():
+        raise EvaluationError("not a file", path)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise EvaluationError("empty file, expected a header with ImageID,ans", path)
+            header = [h.strip() for h in header]
+            missing = [c for c in (ID_COL, LABEL_COL) if c not in header]
+            if missing:
+                raise EvaluationError(f"missing column {', '.join(missing)} (found: {', '.join(header) or 'none'})",
+                                      path)
+            i_id, i_label = header.index(ID_COL), header.index(LABEL_COL)
+            labels: dict[str, int] = {}
+            first_line: dict[str, int] = {}
+            bad: list[tuple[int, str]] = []
+            out_of_range: list[tuple[int, int]] = []
+            for row in reader:
+                line = reader.line_num
+                if not row or all(not c.strip() for c in row):
+                    continue  # blank line, e.g. a trailing newline
+                image_id = row[i_id].strip() if i_id < len(row) else ""
+                if not image_id:
+                    raise EvaluationError(f"empty ImageID on line {line}", path)
+                if image_id in first_line:
+                    raise EvaluationError(f"duplicate ImageID {image_id!r} on lines {first_line[image_id]} "
+                                          f"and {line}", path)
+                first_line[image_id] = line
+                cell = row[i_label] if i_label < len(row) else ""
+                label = parse_label(cell)
+                if label is None:
+                    bad.append((line, cell))
+                elif not 0 <= label < NUM_CLASSES:
+                    out_of_range.append((line, label))
+                else:
+                    labels[image_id] = label
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise EvaluationError(f"cannot read CSV: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                              path) from e
+    if bad:
+        line, cell = bad[0]
+        raise EvaluationError(f"{len(bad)} non-integer label(s) in column ans, first {cell!r} on line {line}", path)
+    if out_of_range:
+        line, label = out_of_range[0]
+        raise EvaluationError(f"{len(out_of_range)} label(s) outside 0-{NUM_CLASSES - 1}, first {label} "
+                              f"on line {line}", path)
+    if not labels:
+        raise EvaluationError("no rows", path)
+    return labels
+
+
+def load_labels(gt_path: str | os.PathLike, pred_path: str | os.PathLike
+                ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(ImageIDs in ground-truth order, true labels, predicted labels), paired by ImageID."""
+    gt, pred = read_labels(gt_path), read_labels(pred_path)
+    missing = [i for i in gt if i not in pred]
+    if missing:
+        raise EvaluationError(f"{len(missing)} ImageID(s) of the ground truth missing from the predictions: "
+                              f"{_examples(missing)}", pred_path)
+    extra = [i for i in pred if i not in gt]
+    if extra:
+        raise EvaluationError(f"{len(extra)} ImageID(s) in the predictions not in the ground truth: "
+                              f"{_examples(extra)}", pred_path)
+    ids = list(gt)
+    return ids, np.array([gt[i] for i in ids], dtype=np.int64), np.array([pred[i] for i in ids], dtype=np.int64)
+
+
+def evaluate_files(gt_path: str | os.PathLike, pred_path: str | os.PathLike) -> dict:
+    """accuracy, f1 (18-class macro F1), f1_mask, f1_gender, f1_age, f1_genderage (fractions) and n.
+    Raises EvaluationError on bad input."""
+    ids, y_true, y_pred = load_labels(gt_path, pred_path)
+    return {**metrics.evaluate_predictions(y_true, y_pred, "all"), "n": len(ids)}
+
+
+def _default_path(env: str, name: str) -> str | None:
+    root = os.environ.get(env)
+    return os.path.join(root, name) if root else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Score output.csv against gt.csv (pairs rows by ImageID).",
+                                     epilog="Exit code 2 on bad input, with a one-line error on stderr.")
+    parser.add_argument("--gt", default=None,
+                        help="ground-truth CSV with ImageID,ans (default: $SM_GROUND_TRUTH_DIR/gt.csv)")
+    parser.add_argument("--pred", default=None,
+                        help="predictions CSV with ImageID,ans (default: $SM_OUTPUT_DATA_DIR/output.csv)")
+    parser.add_argument("--json", action="store_true",
+                        help="print only one JSON object (accuracy, f1, f1_mask, f1_gender, f1_age, ...) on stdout")
+    parser.add_argument("--age_bins", nargs=2, type=int, default=list(metrics.DEFAULT_AGE_BINS),
+                        metavar=("LOW", "HIGH"),
+                        help="age cut points the labels were made with; only names the classes (default: 30 60)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 < args.age_bins[0] < args.age_bins[1]:
+        parser.error(f"--age_bins must be two increasing positive ages, got {args.age_bins}")
+    gt = args.gt or _default_path("SM_GROUND_TRUTH_DIR", "gt.csv")
+    pred = args.pred or _default_path("SM_OUTPUT_DATA_DIR", "output.csv")
+    try:
+        if gt is None:
+            raise EvaluationError("no ground truth: pass --gt or set SM_GROUND_TRUTH_DIR")
+        if pred is None:
+            raise EvaluationError("no predictions: pass --pred or set SM_OUTPUT_DATA_DIR")
+        ids, y_true, y_pred = load_labels(gt, pred)
+    except EvaluationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    scores = {**metrics.evaluate_predictions(y_true, y_pred, "all"), "n": len(ids)}
+    if args.json:
+        rows = metrics.per_class_rows(y_true, y_pred, "all", args.age_bins)
+        cm = metrics.confusion_counts(y_true, y_pred, NUM_CLASSES)
+        print(json.dumps({**scores, "gt": str(gt), "pred": str(pred), "per_class": rows,
+                          "confusion_matrix": cm.tolist()}))
+        return 0
+    print(f"ground truth: {gt}\npredictions:  {pred}\nimages:       {len(ids)}")
+    print(f"accuracy:     {scores['accuracy']:.4f} ({100 * scores['accuracy']:.2f}%)")
+    print(f"macro F1:     {scores['f1']:.4f} (18 classes)")
+    print(f"F1 mask {scores['f1_mask']:.4f} | gender {scores['f1_gender']:.4f} | age {scores['f1_age']:.4f} "
+          f"| gender-age {scores['f1_genderage']:.4f}")
+    print("\nper class:")
+    print(metrics.per_class_table(y_true, y_pred, "all", args.age_bins))
+    print("\nconfusion matrix:")
+    print(metrics.confusion_matrix_text(y_true, y_pred, NUM_CLASSES))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # e.g. `| head`: stop quietly instead of a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

