@@ -253,10 +253,9 @@ def _torchvision_check(arch: str) -> Callable[[str], None]:
 def _torchvision(arch: str, name: str, pretrained: bool, **kwargs) -> nn.Module:
     from torchvision.models import get_model, get_model_weights
 
-    weights = get_model_weights(arch).DEFAULT if pretrained else None
-    if weights is not None:
-        _require_hub_file(name, weights.url)
-    return get_model(arch, weights=weights, **kwargs)
+    if pretrained:
+        _torchvision_check(arch)(name)  # before building anything
+    return get_model(arch, weights=get_model_weights(arch).DEFAULT if pretrained else None, **kwargs)
 
 
 def _efficientnet_check(variant: str) -> Callable[[str], None]:
@@ -319,6 +318,32 @@ def base_model(num_classes: int, pretrained: bool = False, multihead: bool = Fal
                dropout: float = 0.25) -> nn.Module:
     """Baseline CNN trained from scratch (``pretrained`` has no weights to load and is ignored)."""
     return BaseNet(make_head(128, num_classes, multihead), dropout)
+
+
+class SmallNet(nn.Module):
+    """Fast CNN for small inputs: four stride-2 conv-BN-ReLU stages (32-64-128-256 channels),
+    global average pool, dropout; 1.2M parameters, hundreds of 96x72 images/s training on 2 CPU cores."""
+
+    def __init__(self, head: nn.Module, dropout: float = 0.2) -> None:
+        super().__init__()
+        layers, width = [], 3
+        for out in (32, 64, 128, 256):
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True), nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
+            width = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
+        self.fc = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+@register_model("SmallCNN", input_size=(96, 72))
+def small_cnn(num_classes: int, pretrained: bool = False, multihead: bool = False,
+              dropout: float = 0.2) -> nn.Module:
+    """The default and the demo's model: trained from scratch (``pretrained`` is ignored)."""
+    return SmallNet(make_head(256, num_classes, multihead), dropout)
 
 
 def _resnet(arch: str, name: str, num_classes: int, pretrained: bool, multihead: bool,

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip_bad_images", type=str2bool, default=False, nargs="?", const=True,
                    help="warn about and drop unreadable/truncated images instead of stopping")
     g = p.add_argument_group("model and loss")
-    g.add_argument("--model", default="BaseModel", help="a model.py name (e.g. ResNet18, EfficientNetLite0) or timm:<name>")
+    g.add_argument("--model", default="SmallCNN",
+                   help="a model.py name (SmallCNN, BaseModel, ResNet18, EfficientNetLite0, ...) or timm:<name> (default SmallCNN)")
     g.add_argument("--pretrained", type=str2bool, default=True, help="ImageNet weights where the model has them (default True)")
     g.add_argument("--criterion", default="cross_entropy", help="cross_entropy, focal, label_smoothing, f1")
     g.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing strength (default 0.1)")
@@ -83,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class_weights", choices=["none", "auto"], default="none", help="auto: inverse class frequency of the training split")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    g.add_argument("--epochs", type=int, default=5, help="number of epochs (default 5)")
+    g.add_argument("--epochs", type=int, default=12, help="number of epochs (default 12)")
     g.add_argument("--batch_size", type=int, default=64, help="per-process batch (global = batch x processes x accum_steps)")
     g.add_argument("--valid_batch_size", type=int, default=256, help="validation batch size")
     g.add_argument("--optimizer", default="AdamW", help="any torch.optim class: SGD, Adam, AdamW, ... (default AdamW)")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    g.add_argument("--lr", type=float, default=3e-3, help="(peak) learning rate (default 3e-3; ~1e-3 suits fine-tuning)")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
-    g.add_argument("--scheduler", choices=["none", "step", "cosine", "plateau", "onecycle"], default="cosine", help="LR schedule (default cosine)")
+    g.add_argument("--scheduler", choices=["none", "step", "cosine", "plateau", "onecycle"], default="onecycle", help="LR schedule (default onecycle)")
     g.add_argument("--lr_decay_step", type=int, default=20, help="step scheduler: epochs between x0.5 decays")
     g.add_argument("--warmup_epochs", type=float, default=0.0, help="linear warm-up (step/cosine)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
@@ -251,14 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from loss import class_weights_from_labels, compute_loss, create_criterion, mixed_loss
     from metrics import class_names, evaluate_predictions, per_class_table, save_confusion_matrix_png, write_per_class_csv
-    from model import create_model, logits_to_probs, model_info, trainable_parameters
+    from model import PretrainedUnavailable, check_pretrained, create_model, logits_to_probs, model_info, trainable_parameters
     from tracking import Tracker, TrackingError, resolve_tracking_uri
 
     try:  # unknown names fail here, listing the known ones, before any work
         spec = data.dataset_spec(args.dataset)
         augmentation = data.create_augmentation(args.augmentation)
         info = model_info(args.model)
-    except ValueError as e:
+        if args.pretrained and not args.resume:
+            check_pretrained(args.model)  # offline without cached weights: fail now, not after data setup
+    except (ValueError, PretrainedUnavailable) as e:
         raise UsageError(str(e)) from None
     if not args.age_bins[0] < args.age_bins[1]:
         raise UsageError(f"--age_bins must be increasing, got {args.age_bins}")
