@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input height and width (default: the model's documented size)")
     g.add_argument("--age_bins", nargs=2, type=int, default=list(data.DEFAULT_AGE_BINS), metavar=("A", "B"),
                    help="age cut points: <A, A..B-1, >=B (default 30 60); labels come from raw ages")
+    g.add_argument("--score_age_bins", nargs=2, type=int, default=None, metavar=("A", "B"),
+                   help="cut points of the validation labels (default: --age_bins). E.g. train with --age_bins 30 58 "
+                        "but score with 30 60 as the competition does; splits are stratified with these")
     g.add_argument("--val_ratio", type=float, default=0.2, help="share of people (or images) held out (default 0.2)")
     g.add_argument("--kfold", type=int, default=0, help="K for person-level K-fold (0 = off); use with --fold")
     g.add_argument("--fold", type=int, default=0, help="which fold (0..K-1) is validation")
@@ -126,7 +129,11 @@ def log(*args) -> None:
 
 
 def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 under torchrun, else True. Read from torchrun's env, not dist.get_rank(), so it
+    stays right after destroy_process_group (otherwise every rank would print the summary)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup_distributed(args) -> tuple[int, int, torch.device]:
@@ -270,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args.amp = cuda if args.amp is None else args.amp
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.age_bins = tuple(args.age_bins)
+    args.score_age_bins = tuple(args.score_age_bins or args.age_bins)
     task = args.task or spec["task"]
     num_classes = data.TASK_CLASSES[task]
     resize = tuple(args.resize) if args.resize else tuple(info.input_size)
@@ -307,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "all":
             train_idx, val_idx = list(range(len(samples))), []
         else:
-            train_idx, val_idx = data.split_indices(samples, args.dataset, args.val_ratio, args.seed, args.age_bins,
+            train_idx, val_idx = data.split_indices(samples, args.dataset, args.val_ratio, args.seed, args.score_age_bins,
                                                     args.kfold, args.fold)
             if not val_idx:
                 raise UsageError("the validation split is empty; raise --val_ratio or use --mode all")
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"image cache: {'warm, no decoding' if store.is_complete() else 'cold, filled during the first epoch'} "
                 f"({store.cache_files[0]})")
         train_set = data.MaskDataset(samples, store, train_idx, task, args.age_bins, augmentation, train=True, seed=args.seed)
-        val_set = data.MaskDataset(samples, store, val_idx, task, args.age_bins, train=False)
+        val_set = data.MaskDataset(samples, store, val_idx, task, args.score_age_bins, train=False)
         train_labels = np.array([t if task != "multi" else 0 for t in train_set.targets])
         head_labels = np.array(train_set.targets) if task == "multi" else None
         sampler_weights = None
@@ -365,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
             ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema),
                                                       use_buffers=True)
         if world > 1:
-            if args.sync_bn:
+            if args.sync_bn and not cuda:  # SyncBatchNorm has no CPU kernel: it would fail at the first batch
+                log("warning: --sync_bn needs CUDA; training with per-process BatchNorm on CPU")
+            elif args.sync_bn:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
         else:
@@ -377,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
             model.load_state_dict(resumed["state_dict_train"] if "state_dict_train" in resumed else resumed["state_dict"])
             optimizer.load_state_dict(resumed["optimizer"])
             if scheduler is not None and resumed.get("scheduler"):
-                scheduler.load_state_dict(resumed["scheduler"])
+                if args.scheduler == "plateau":
+                    scheduler.load_state_dict(resumed["scheduler"])
+                else:  # a function of the step: keep this run's length (--epochs, processes may have changed)
+                    scheduler.last_epoch = (resumed["epoch"] + 1) * steps_per_epoch
             if resumed.get("scaler"):
                 scaler.load_state_dict(resumed["scaler"])
             if ema is not None and resumed.get("ema"):
@@ -433,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         def predict_val() -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
             """Score this rank's shard, gather all shards on every rank, restore dataset order."""
             net = eval_model().eval()
-            probs, indices, loss_sum = [], [], 0.0
+            if world > 1:  # BatchNorm running stats drift apart (each rank sees its own batches):
+                for buffer in net.buffers():  # score with rank 0's copy, the one that gets saved
+                    dist.broadcast(buffer, src=0)
+            probs, loss_sum = [], 0.0
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=args.amp):
                 for images, targets in progress(val_loader, "val"):
                     images = transform(images.to(device, non_blocking=True), train=False)
@@ -540,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         best["stale"] += 1
                     if is_main():
-                        log(per_class_table(truth18, pred, report_task, args.age_bins))
+                        log(per_class_table(truth18, pred, report_task, args.score_age_bins))
                         extra = " ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("f1_"))
                         log(f"[val] epoch {epoch + 1}: acc {scores['accuracy']:.2%} loss {val_loss:.4f} "
                             f"macro F1 {scores['f1']:.4f} {extra} || best acc {best['acc']:.2%} best F1 {best['f1']:.4f}")
@@ -548,9 +564,12 @@ def main(argv: list[str] | None = None) -> int:
                             save("best.pth", epoch, metrics)
                         if improved_f1:
                             save("best_f1.pth", epoch, metrics)
-                            save_confusion_matrix_png(run_dir / "confusion_matrix.png", truth18, pred, report_task, args.age_bins)
-                            write_per_class_csv(run_dir / "per_class.csv", truth18, pred, report_task, args.age_bins)
+                            save_confusion_matrix_png(run_dir / "confusion_matrix.png", truth18, pred, report_task,
+                                                      args.score_age_bins)
+                            write_per_class_csv(run_dir / "per_class.csv", truth18, pred, report_task, args.score_age_bins)
+                            # Out-of-fold material for calibrate.py (decision offsets tuned for macro F1).
                             np.save(run_dir / "val_probs.npy", probs)
+                            np.save(run_dir / "val_labels.npy", truth18)
                             tracker.log_artifact(run_dir / "confusion_matrix.png")
                             tracker.log_artifact(run_dir / "per_class.csv")
                     if scheduler is not None and args.scheduler == "plateau":
