@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -91,6 +92,20 @@ def _same_param(logged: str, new: str) -> bool:
         return False
 
 
+def _local_artifact_location(uri: str, experiment: str) -> str | None:
+    """For a sqlite file store: artifacts in <db folder>/mlruns/<experiment>.
+
+    MLflow's own default is ./mlruns in the *current* directory, so a run against a store
+    elsewhere would scatter artifacts into whatever folder training was started from."""
+    if not uri.lower().startswith("sqlite:///"):
+        return None  # servers choose their own artifact root
+    db = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (Path(db).resolve().parent / "mlruns" / folder).as_uri()
+
+
 def _check_reachable(uri: str) -> None:
     """Any HTTP answer counts as reachable; auth or API errors surface in the first real call."""
     url = uri.rstrip("/") + "/health"
@@ -146,11 +161,13 @@ class Tracker:
             for key, value in HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)  # the user's own settings win
             _check_reachable(self.uri)
-        # MLflow logs table creation, run URLs etc. at INFO with emoji; keep warnings only.
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
         try:
             from mlflow import MlflowClient
+
+            # MLflow logs table creation, run URLs etc. at INFO with emoji; keep warnings only.
+            # After the import: `import mlflow` configures its loggers and would reset the level.
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
+            logging.getLogger("alembic").setLevel(logging.WARNING)
 
             self._client = MlflowClient(tracking_uri=self.uri)
             parent_run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
@@ -196,7 +213,8 @@ class Tracker:
         exp = self._client.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
-                self._experiment_id = self._client.create_experiment(self.experiment)
+                self._experiment_id = self._client.create_experiment(
+                    self.experiment, artifact_location=_local_artifact_location(self.uri, self.experiment))
             except MlflowException:
                 exp = self._client.get_experiment_by_name(self.experiment)  # created concurrently
                 if exp is None:

@@ -201,6 +201,21 @@ def test_default_local_sqlite_store(tmp_path, monkeypatch, capsys):
     assert "warning" not in out.err and "🏃" not in out.out
 
 
+def test_sqlite_store_elsewhere_keeps_artifacts_next_to_it(tmp_path, monkeypatch):
+    store, cwd = tmp_path / "store", tmp_path / "cwd"
+    store.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # MLflow's own default would put artifacts in ./mlruns here
+    uri = f"sqlite:///{store / 'runs.db'}"
+    tracker = tracking.Tracker(uri, "team/exp 1", "run", "frank")
+    tracker.start(_params())
+    (tmp_path / "config.json").write_text("{}")
+    tracker.log_artifact(tmp_path / "config.json")
+    tracker.finish()
+    assert list(cwd.iterdir()) == []
+    assert list(store.glob("mlruns/team_exp_1/*/artifacts/config.json"))
+
+
 def test_finish_rejects_unknown_status():
     with pytest.raises(ValueError, match="FINISHED"):
         tracking.Tracker("none", "e", "r", None).finish("DONE")
