@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.start(config)
     except TrackingError as e:
         raise UsageError(str(e)) from None
-    seed_everything(args.seed)
+    seed_everything(args.seed + rank)  # distinct dropout/mixup draws per process; data order is seeded apart
     try:
 
         # ---- data
