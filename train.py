@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -481,8 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         def on_sigterm(signum, frame):
             raise KeyboardInterrupt
 
-        signal.signal(signal.SIGTERM, on_sigterm)
+        # Only the main thread may set handlers; in-process callers (tests) get theirs back afterwards.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
         epoch = start_epoch - 1
+        saved_epoch = start_epoch - 1  # the epoch whose full state last.pth holds
         status = "FINISHED"
         metrics: dict = {}
         try:
@@ -576,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                         scheduler.step(scores["f1"])
                 if is_main():
                     save("last.pth", epoch, metrics, full=True)
+                    saved_epoch = epoch
                     for key, value in metrics.items():
                         writer.add_scalar(key, value, epoch)
                     writer.flush()
@@ -586,13 +591,20 @@ def main(argv: list[str] | None = None) -> int:
                     break
         except KeyboardInterrupt:
             interrupted, status = True, "KILLED"
-            if is_main() and run_dir is not None and epoch >= start_epoch:
-                save("last.pth", epoch, metrics, full=True)
-                log(f"\ninterrupted: saved {run_dir / 'last.pth'} (epoch {epoch + 1}); continue with --resume {run_dir / 'last.pth'}")
+            # last.pth is rewritten after every epoch; a half-done epoch is not saved over it, because
+            # resuming from mid-epoch weights would skip the rest of that epoch's batches.
+            last = run_dir / "last.pth" if run_dir is not None else None
+            if is_main() and last is not None and saved_epoch >= 0 and last.exists():
+                log(f"\ninterrupted in epoch {epoch + 1}: {last} holds epoch {saved_epoch + 1}; "
+                    f"continue with --resume {last}")
+            elif is_main():
+                log(f"\ninterrupted in epoch {epoch + 1}, before any epoch completed: nothing to resume")
         except BaseException:
             status = "FAILED"
             raise
         finally:
+            if previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, previous_sigterm)
             if is_main():
                 if writer is not None:
                     writer.close()

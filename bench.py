@@ -1,0 +1,394 @@
+"""Input-pipeline and model throughput, side by side, in one run (issue 7).
+
+    python bench.py                                  # 512 generated 384x512 JPEGs, 224x224, ResNet18
+    python bench.py --resize 128 96 --model ResNet18
+    python bench.py --data_dir /data/train --n 2000  # real photos (any folder of images)
+
+Measures, on the same images:
+- reference: the original baseline, per sample PIL decode -> torchvision Resize, RandomHorizontalFlip,
+  ColorJitter(0.1, 0.1, 0.1, 0.1), ToTensor, Normalize in a DataLoader; one epoch;
+- toolkit: ImageStore (decode once, uint8 memmap cache) -> MaskDataset with flip (p 0.5) on uint8 in
+  the workers -> uint8 batch to the device -> BatchTransform (the same colour jitter strength and the
+  normalisation, batched, on the device; its time counts). cold = the first epoch, decoding and filling
+  a fresh cache; warm = later epochs; second run = a new ImageStore on the completed cache (a new
+  training run), whose decode count must be 0;
+- for num_workers 0 and each --num_workers value (default: 0 and dataset.default_num_workers()).
+  The ratios (toolkit / reference, "one worker") use num_workers 0 for both: one process does all the
+  work, so they compare the pipelines' cost rather than how many cores the machine has;
+- the model (random weights, random input): a training step (forward + backward + AdamW) and
+  inference for --model at --resize, fp32 eager and channels_last, plus AMP (bf16, else fp16 with a
+  scaler) on CUDA; the median of --train_steps steps, the variants taking turns. infer_eager_ips is
+  the plain fp32 eager loop under torch.no_grad; infer_ips is the toolkit's inference path
+  (eval, inference_mode; on CUDA channels_last + bf16 autocast as inference.py does; on a CPU the
+  faster of contiguous / channels_last, measured here and named in the output).
+Pipelines run with one torch thread in the main process (workers always have one), so num_workers 0
+is one core for both pipelines; the model runs with torch's default thread count.
+Prints a table, then, as its last line, one JSON object with every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import dataset as data
+
+REQUIRED_KEYS = ("reference_ips", "cold_ips", "warm_ips", "cold_ratio", "warm_ratio", "train_ips", "infer_ips",
+                 "infer_eager_ips", "resize", "model", "device")
+JITTER = (0.1, 0.1, 0.1, 0.1)
+NUM_CLASSES = 18
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", default=None, help="images to use (searched recursively); default: generate --n")
+    p.add_argument("--n", type=int, default=512, help="number of images (with --data_dir: the first n; 0 = all)")
+    p.add_argument("--resize", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    p.add_argument("--model", default="ResNet18", help="a model.py registry name (random weights)")
+    p.add_argument("--num_workers", type=int, nargs="+", default=None,
+                   help="DataLoader worker counts to measure (0 is always added; default: 0 and the toolkit default)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--warm_epochs", type=int, default=2, help="warm epochs averaged for warm_ips")
+    p.add_argument("--train_steps", type=int, default=3,
+                   help="timed model steps per variant, variants taking turns (after 1 warm-up step each)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# --------------------------------------------------------------------------- images
+def make_images(out_dir: Path, n: int, size: tuple[int, int] = (384, 512), seed: int = 0) -> list[str]:
+    """n noisy drawn JPEGs of size (W, H) like the competition photos: a gradient, random shapes,
+    sensor-like noise, quality 92 (noise makes them about as costly to decode as real photos)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        a, b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+        t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) / (w + h) + 0.5
+        img = np.ascontiguousarray((a + (b - a) * t[..., None]).clip(0, 255).astype(np.uint8))
+        for _ in range(int(rng.integers(5, 10))):
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
+            kind = rng.integers(3)
+            if kind == 0:
+                axes = (int(rng.integers(10, w // 2)), int(rng.integers(10, h // 2)))
+                cv2.ellipse(img, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
+            elif kind == 1:
+                cv2.rectangle(img, (cx, cy), (cx + int(rng.integers(10, w // 2)), cy + int(rng.integers(10, h // 2))),
+                              colour, -1)
+            else:
+                cv2.line(img, (cx, cy), (int(rng.integers(0, w)), int(rng.integers(0, h))), colour,
+                         int(rng.integers(2, 12)), cv2.LINE_AA)
+        noisy = img.astype(np.float32) + rng.normal(0, 6, img.shape).astype(np.float32)
+        path = out_dir / f"img_{i:05d}.jpg"
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=92)
+        paths.append(str(path))
+    return paths
+
+
+def find_images(data_dir: str | os.PathLike, n: int) -> list[str]:
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise SystemExit(f"error: --data_dir not found: {root}")
+    paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file())
+    if not paths:
+        raise SystemExit(f"error: no .jpg/.jpeg/.png images under {root}")
+    return paths[:n] if n > 0 else paths
+
+
+# --------------------------------------------------------------------------- pipelines
+class ReferenceDataset(Dataset):
+    """The original baseline: PIL opens the file, torchvision transforms it, per sample, every epoch."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.open(self.paths[i])), 0
+
+
+class CountingStore(data.ImageStore):
+    """ImageStore that counts decodes in shared memory, so the count includes the workers'."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # one slot per image: each index is decoded by one worker at a time, so no lost updates
+        self.decoded = torch.zeros(len(self.paths), dtype=torch.int32).share_memory_()
+
+    def decode(self, index: int) -> np.ndarray:
+        self.decoded[index] += 1
+        return super().decode(index)
+
+    @property
+    def decodes(self) -> int:
+        return int(self.decoded.sum())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_epoch(paths: Sequence[str], resize: Sequence[int], mean, std, batch_size: int, num_workers: int,
+                    device: torch.device, seed: int) -> float:
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.Resize(tuple(resize), T.InterpolationMode.BILINEAR), T.RandomHorizontalFlip(),
+                           T.ColorJitter(*JITTER), T.ToTensor(), T.Normalize(mean, std)])
+    loader = DataLoader(ReferenceDataset(paths, transform), batch_size=batch_size, shuffle=True,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))
+    count, start = 0, time.perf_counter()
+    for images, _ in loader:  # workers start inside the epoch: the original paid that every epoch
+        images = images.to(device, non_blocking=True)
+        count += len(images)
+    sync(device)
+    return count / (time.perf_counter() - start)
+
+
+def toolkit_epochs(store: data.ImageStore, resize: Sequence[int], mean, std, batch_size: int, num_workers: int,
+                   device: torch.device, epochs: int, seed: int) -> list[float]:
+    """images/s of each epoch of the toolkit's training pipeline; the cache is finalized after the first."""
+    augmentation = data.Augmentation("bench", hflip=0.5, jitter=JITTER)
+    samples = [data.Sample(p, f"p{i}", "mask1", 0, 0, 20) for i, p in enumerate(store.paths)]  # labels unused
+    train_set = data.MaskDataset(samples, store, range(len(samples)), "all", augmentation=augmentation, train=True,
+                                 seed=seed)
+    cuda = device.type == "cuda"
+    transform = data.BatchTransform(mean, std, augmentation.jitter, augmentation.noise_std, channels_last=cuda)
+    loader = data.make_loader(train_set, batch_size, shuffle=True, num_workers=num_workers, pin_memory=cuda, seed=seed)
+    rates = []
+    for epoch in range(epochs):
+        train_set.set_epoch(epoch)
+        count, start = 0, time.perf_counter()
+        for images, _ in loader:
+            x = transform(images.to(device, non_blocking=True), train=True)
+            count += len(x)
+        sync(device)
+        rates.append(count / (time.perf_counter() - start))
+        if epoch == 0:
+            store.finalize()  # as train.py does after the first epoch
+    del loader  # stops persistent workers
+    return rates
+
+
+def bench_pipelines(paths: list[str], args, mean, std, device: torch.device, workdir: Path) -> dict[int, dict]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for p in paths:  # into the OS page cache, so no pipeline pays for the disk
+            Path(p).read_bytes()
+        results = {}
+        for nw in args.num_workers:
+            ref = reference_epoch(paths, args.resize, mean, std, args.batch_size, nw, device, args.seed)
+            cache = workdir / f"cache-w{nw}"
+            store = CountingStore(paths, args.resize, None, cache_dir=cache)
+            rates = toolkit_epochs(store, args.resize, mean, std, args.batch_size, nw, device,
+                                   1 + max(1, args.warm_epochs), args.seed)
+            second = CountingStore(paths, args.resize, None, cache_dir=cache)  # a second training run
+            complete = second.is_complete()
+            second_rate = toolkit_epochs(second, args.resize, mean, std, args.batch_size, nw, device, 1, args.seed)[0]
+            warm = len(rates[1:]) / sum(1 / r for r in rates[1:])  # all warm images / all warm time
+            results[nw] = {"reference_ips": ref, "cold_ips": rates[0], "warm_ips": warm,
+                           "second_run_ips": second_rate, "cold_decodes": store.decodes,
+                           "second_run_decodes": second.decodes, "cache_complete_before_second_run": complete}
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- model
+def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, device: torch.device,
+                     warmup: int = 1) -> dict[str, float]:
+    """Median seconds per step of each variant, the variants taking turns step by step, so a
+    burst of other jobs on a shared machine hits them alike (and the median shrugs it off)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(max(1, rounds)):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def bench_model(args, device: torch.device) -> dict:
+    from model import create_model
+
+    b, (h, w) = args.batch_size, args.resize
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randn(b, 3, h, w, generator=gen).to(device)
+    targets = torch.randint(0, NUM_CLASSES, (b,), generator=gen).to(device)
+    cuda = device.type == "cuda"
+
+    def build(channels_last: bool, train: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+        torch.manual_seed(args.seed)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = create_model(args.model, NUM_CLASSES).to(device).to(memory_format=fmt)
+        return model.train(train), inputs.contiguous(memory_format=fmt)
+
+    def train_step(channels_last: bool, amp: bool) -> Callable[[], None]:
+        model, x = build(channels_last, True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        dtype = amp_dtype(device) if amp else torch.float32
+        scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), targets)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return step
+
+    def infer_step(channels_last: bool, amp: bool, context: Callable) -> Callable[[], None]:
+        model, x = build(channels_last, False)
+
+        def step() -> None:
+            with context(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                model(x)
+        return step
+
+    train = {"train_fp32_ips": train_step(False, False), "train_fp32_channels_last_ips": train_step(True, False)}
+    infer = {"infer_eager_ips": infer_step(False, False, torch.no_grad)}  # the plain fp32 eager loop
+    if cuda:  # train.py's and inference.py's CUDA defaults: AMP + channels_last
+        train["train_amp_channels_last_ips"] = train_step(True, True)
+        infer["infer_amp_channels_last_ips"] = infer_step(True, True, torch.inference_mode)
+    else:
+        infer["infer_contiguous_ips"] = infer_step(False, False, torch.inference_mode)
+        infer["infer_channels_last_ips"] = infer_step(True, False, torch.inference_mode)
+    out: dict = {}
+    for steps in (train, infer):
+        out.update({name: b / seconds for name, seconds in time_interleaved(steps, args.train_steps, device).items()})
+        steps.clear()  # frees the models before the next group
+    if cuda:
+        out["amp_dtype"] = str(amp_dtype(device)).replace("torch.", "")
+        out["train_ips"] = out["train_amp_channels_last_ips"]
+        out["infer_ips"] = out["infer_amp_channels_last_ips"]
+        out["infer_path"] = "inference_mode, channels_last, bf16 autocast"
+    else:  # train.py's CPU default: fp32, contiguous
+        out["train_ips"] = out["train_fp32_ips"]
+        best = "channels_last" if out["infer_channels_last_ips"] > out["infer_contiguous_ips"] else "contiguous"
+        out["infer_ips"] = out[f"infer_{best}_ips"]
+        out["infer_path"] = f"inference_mode, fp32, {best} (the faster layout, measured here)"
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def table(result: dict) -> str:
+    res = result["pipeline"]
+    cols = list(res)
+    h, w = result["resize"]
+    lines = [f"device {result['device']} | {result['n_images']} images {result['image_source']} -> {h}x{w} | "
+             f"batch {result['batch_size']} | load average {result['load_avg_start']} -> {result['load_avg_end']}",
+             "",
+             f"{'input pipeline, images/s':46s}" + "".join(f"{'workers ' + c:>12s}" for c in cols)]
+    rows = [("reference  PIL + torchvision, per epoch", "reference_ips"),
+            ("toolkit    cold (decode, fill the cache)", "cold_ips"),
+            ("toolkit    warm (later epochs, memmap)", "warm_ips"),
+            ("toolkit    second run (new store, same cache)", "second_run_ips")]
+    for label, key in rows:
+        lines.append(f"{label:46s}" + "".join(f"{res[c][key]:12.1f}" for c in cols))
+    lines.append(f"{'decodes: cold epoch / second run':46s}"
+                 + "".join(f"{str(res[c]['cold_decodes']) + ' / ' + str(res[c]['second_run_decodes']):>12s}"
+                           for c in cols))
+    lines.append(f"ratios toolkit / reference, one worker (num_workers 0 for both): "
+                 f"cold x{result['cold_ratio']:.2f}, warm x{result['warm_ratio']:.2f}")
+    lines += ["", f"model {result['model']} at {h}x{w}, batch {result['batch_size']}, images/s (median step)"]
+    for key, label in (("train_fp32_ips", "train step  fp32 eager, contiguous"),
+                       ("train_fp32_channels_last_ips", "train step  fp32 eager, channels_last"),
+                       ("train_amp_channels_last_ips", f"train step  AMP {result.get('amp_dtype', '')}, channels_last"),
+                       ("infer_eager_ips", "inference   fp32 eager loop, no_grad (infer_eager_ips)"),
+                       ("infer_amp_channels_last_ips", "inference   inference_mode, channels_last, AMP bf16"),
+                       ("infer_contiguous_ips", "inference   inference_mode, contiguous"),
+                       ("infer_channels_last_ips", "inference   inference_mode, channels_last")):
+        if key in result:
+            lines.append(f"  {label:58s}{result[key]:10.1f}")
+    lines.append(f"  {'train_ips  (train.py default on this device)':58s}{result['train_ips']:10.1f}")
+    lines.append(f"  {'infer_ips  (the toolkit inference path, see below)':58s}{result['infer_ips']:10.1f}")
+    lines.append(f"  infer_ips path: {result['infer_path']}")
+    return "\n".join(lines)
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 2)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.n < 0 or args.batch_size < 1 or min(args.resize) < 1:
+        raise SystemExit("error: --n >= 0, --batch_size >= 1 and a positive --resize are required")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    workers = args.num_workers if args.num_workers is not None else [data.default_num_workers()]
+    args.num_workers = sorted({0, *(max(0, int(nw)) for nw in workers)})
+    from model import model_info
+
+    info = model_info(args.model)  # unknown names fail here, listing the known ones
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        if args.data_dir:
+            paths, source = find_images(args.data_dir, args.n), f"from {args.data_dir}"
+        else:
+            n = args.n or 512
+            print(f"generating {n} 384x512 JPEGs ...", file=sys.stderr)
+            paths, source = make_images(workdir / "images", n, seed=args.seed), "generated 384x512 JPEG"
+        print("input pipelines ...", file=sys.stderr)
+        pipeline = bench_pipelines(paths, args, info.mean, info.std, device, workdir)
+    print("model ...", file=sys.stderr)
+    model_result = bench_model(args, device)
+    one = pipeline[0]
+    result = {
+        "reference_ips": one["reference_ips"], "cold_ips": one["cold_ips"], "warm_ips": one["warm_ips"],
+        "cold_ratio": one["cold_ips"] / one["reference_ips"], "warm_ratio": one["warm_ips"] / one["reference_ips"],
+        "ratio_num_workers": 0, "second_run_ips": one["second_run_ips"],
+        "second_run_decodes": one["second_run_decodes"],
+        **model_result,
+        "resize": list(args.resize), "model": args.model, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "n_images": len(paths), "image_source": source,
+        "batch_size": args.batch_size, "pipeline": {str(k): v for k, v in pipeline.items()},
+        "load_avg_start": load_start, "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(table(result))
+    print(json.dumps(_rounded(result)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

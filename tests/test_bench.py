@@ -1,0 +1,148 @@
+"""bench.py smoke test: tiny settings, the final JSON line has every required number."""
+import json
+import math
+
+import bench
+
+
+def test_bench_main_prints_table_and_final_json(capsys):
+    result = bench.main(["--n", "6", "--resize", "24", "20", "--model", "SmallCNN", "--batch_size", "4",
+                         "--warm_epochs", "1", "--train_steps", "1", "--num_workers", "1", "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "reference" in "\n".join(lines[:-1]) and "cold" in "\n".join(lines[:-1])  # the table comes first
+    final = json.loads(lines[-1])  # the LAST line is one JSON object
+    for key in bench.REQUIRED_KEYS:
+        assert key in final, key
+    for key in ("reference_ips", "cold_ips", "warm_ips", "cold_ratio", "warm_ratio", "train_ips", "infer_ips",
+                "infer_eager_ips"):
+        assert isinstance(final[key], (int, float)) and final[key] > 0 and math.isfinite(final[key]), key
+    assert final["resize"] == [24, 20] and final["model"] == "SmallCNN" and final["device"] == "cpu"
+    # the ratios are toolkit / reference with num_workers 0 for both
+    assert final["ratio_num_workers"] == 0
+    assert final["cold_ratio"] == round(result["cold_ips"] / result["reference_ips"], 2)
+    assert final["warm_ratio"] == round(result["warm_ips"] / result["reference_ips"], 2)
+    assert result["cold_ips"] == result["pipeline"]["0"]["cold_ips"]
+    # both worker settings measured; the cold epoch decoded every image once (workers included),
+    # a second run on the completed cache decoded none
+    assert set(final["pipeline"]) == {"0", "1"}
+    for setting in final["pipeline"].values():
+        assert setting["cold_decodes"] == 6 and setting["second_run_decodes"] == 0
+        assert setting["cache_complete_before_second_run"] is True
+        assert all(setting[k] > 0 for k in ("reference_ips", "cold_ips", "warm_ips", "second_run_ips"))
+    # the CPU inference path names the layout it picked, and it is the faster one measured
+    assert final["infer_ips"] == max(final["infer_contiguous_ips"], final["infer_channels_last_ips"])
+
+
+def test_make_images_are_384x512_jpegs(tmp_path):
+    from PIL import Image
+
+    paths = bench.make_images(tmp_path, 2, seed=1)
+    assert len(paths) == 2
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.format == "JPEG" and im.size == (384, 512)
+    # deterministic for a seed: same bytes
+    again = bench.make_images(tmp_path / "again", 2, seed=1)
+    assert [open(p, "rb").read() for p in paths] == [open(p, "rb").read() for p in again]
+
+
+# ------------------------------------------------ the pipeline speed-ups bench.py measures keep behaviour
+def _reference_batch_transform(images, mean, std, matrix, offset_weight):
+    """The straightforward formula: /255, 3x3 colour matrix + mean-based offset, clamp, normalise."""
+    import torch
+
+    x = images.float() / 255
+    offset = (offset_weight @ x.mean(dim=(2, 3)).unsqueeze(-1)).view(len(x), 3, 1, 1)
+    x = (torch.einsum("nij,njhw->nihw", matrix, x) + offset).clamp(0, 1)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def test_batch_transform_chunks_match_the_plain_formula():
+    import torch
+
+    import dataset as data
+
+    # 3x200x200 images: the CPU path works in chunks of a few images, so chunk edges are crossed
+    images = torch.randint(0, 256, (10, 3, 200, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    for channels_last in (False, True):
+        bt = data.BatchTransform(mean, std, jitter=(0.2, 0.2, 0.2, 0.05), channels_last=channels_last)
+        torch.manual_seed(3)
+        out = bt(images, train=True)
+        torch.manual_seed(3)
+        matrix, offset_weight = bt._color_matrix(len(images), images.device)
+        expected = _reference_batch_transform(images, mean, std, matrix, offset_weight)
+        assert torch.allclose(out, expected, atol=2e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.allclose(bt(images, train=False), (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1))
+                              / torch.tensor(std).view(1, 3, 1, 1), atol=1e-5)
+
+
+def test_collate_matches_default_collate_in_and_out_of_workers(tmp_path):
+    import numpy as np
+    import torch
+    from torch.utils.data import default_collate
+
+    import dataset as data
+
+    rng = np.random.default_rng(0)
+    batch = [(torch.from_numpy(rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)).permute(2, 0, 1), i, torch.tensor((i, 1, 2)))
+             for i in range(4)]
+    got, want = data.collate(batch), default_collate(batch)
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].is_contiguous()
+    # anything else falls back to default_collate
+    assert torch.equal(data.collate([torch.ones(2), torch.zeros(2)]), torch.stack([torch.ones(2), torch.zeros(2)]))
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return batch[i][0], i
+
+    loader = data.make_loader(Images(), batch_size=4, num_workers=1)
+    images, labels = next(iter(loader))
+    assert torch.equal(images, want[0]) and labels.tolist() == [0, 1, 2, 3]
+
+
+def test_jpeg_reduction_never_upsamples(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import dataset as data
+
+    img = np.random.default_rng(0).integers(0, 256, (512, 384, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.jpg", quality=90)
+    Image.fromarray(img).save(tmp_path / "p.jpg", quality=90, progressive=True)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    for name in ("a.jpg", "p.jpg"):
+        assert data.jpeg_size(tmp_path / name) == (384, 512)
+    assert data.jpeg_size(tmp_path / "a.png") is None and data.jpeg_reduction(tmp_path / "a.png", (96, 72)) == 1
+    assert data.jpeg_reduction(tmp_path / "a.jpg", (224, 224)) == 1  # 192 wide at 1/2: too narrow
+    assert data.jpeg_reduction(tmp_path / "a.jpg", (256, 192)) == 2
+    assert data.jpeg_reduction(tmp_path / "a.jpg", (128, 96)) == 4
+    assert data.jpeg_reduction(tmp_path / "a.jpg", (64, 48)) == 8
+    # with a crop, what counts is the cropped region: centre 256x256 of the frame, 1/4 is 64x64
+    assert data.jpeg_reduction(tmp_path / "a.jpg", (64, 64), ("center", 256, 256)) == 4
+    assert data.jpeg_reduction(tmp_path / "a.jpg", (65, 64), ("center", 256, 256)) == 2
+    # a reduced decode gives the requested size and nearly the same pixels as a full decode
+    store = data.ImageStore([str(tmp_path / "a.jpg")], (128, 96))
+    reduced, full = store.decode(0), data.preprocess(data.load_image(tmp_path / "a.jpg"), (128, 96))
+    assert reduced.shape == full.shape == (128, 96, 3)
+    smooth = np.full((512, 384, 3), 90, np.uint8)
+    smooth[:, 192:] = 200  # two flat halves: both decodes must agree away from the edge
+    Image.fromarray(smooth).save(tmp_path / "s.jpg", quality=95)
+    out = data.ImageStore([str(tmp_path / "s.jpg")], (128, 96)).decode(0).astype(int)
+    assert abs(out[:, :40] - 90).max() <= 3 and abs(out[:, 56:] - 200).max() <= 3
+
+
+def test_hflip_is_a_mirror():
+    import numpy as np
+
+    import dataset as data
+
+    img = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    aug = data.Augmentation("t", hflip=1.0)
+    out = aug.cpu_transform(img, np.random.default_rng(0))
+    assert np.array_equal(out, img[:, ::-1]) and out.flags["C_CONTIGUOUS"]
