@@ -25,14 +25,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from metrics import DEFAULT_AGE_BINS, TASK_CLASSES  # one definition; metrics stays free of torch
+
 cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubscribe the cores
 
 # --------------------------------------------------------------------------- labels
 MASK_KINDS = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 GENDERS = {"male": 0, "female": 1}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
-DEFAULT_AGE_BINS = (30, 60)
-TASK_CLASSES = {"all": 18, "mask": 3, "genderage": 6, "multi": 18}
 PERSON_DIR = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>[^_]+)_(?P<age>[^_]+)$")
 
 

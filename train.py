@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                 improved_f1 = False
                 if val_loader is not None:
                     probs, pred, truth, val_loss = predict_val()
-                    truth18 = truth if task != "multi" else truth
+                    truth18 = truth  # multi-head: already the 18-class labels
                     report_task = "all" if task == "multi" else task
                     scores = evaluate_predictions(truth18, pred, report_task)
                     metrics.update({"val_loss": val_loss, "val_acc": scores["accuracy"], "val_f1": scores["f1"]})
