@@ -821,9 +821,10 @@ def split_indices(samples: Sequence[Sample], dataset: str, val_ratio: float, see
 
 
 def default_num_workers() -> int:
-    """One worker per core beyond the main process, at most 8 (more rarely helps)."""
+    """One worker per core beyond the main process's, at most 8 (more rarely helps): on a small
+    CPU box the model's own threads need the cores, oversubscribing them slows everything."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1)) if cores > 2 else cores
+    return max(0, min(8, cores - 1))
 
 
 def collate(batch: list):

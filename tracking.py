@@ -151,7 +151,7 @@ class Tracker:
         return self._run_id is not None and not self._lost and not self._finished
 
     # ---- start -------------------------------------------------------------------------------
-    def start(self, params: dict) -> None:
+    def start(self, params: dict, resume_run_id: str | None = None) -> None:
         """Open the run (or join the one `mlflow run` created) and log every param.
 
         Raises TrackingError with a one-line message if tracking cannot start."""
@@ -173,6 +173,13 @@ class Tracker:
             parent_run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
             if parent_run_id:
                 self._join_run(parent_run_id)
+            elif resume_run_id:  # --resume: continue the interrupted run's metric history
+                try:
+                    self._join_run(resume_run_id)
+                except TrackingError:
+                    print(f"warning: run {resume_run_id} of the resumed checkpoint is not on {self.uri}; "
+                          "logging to a new run", file=sys.stderr)
+                    self._create_run()
             else:
                 self._create_run()
             self._log_params(params)

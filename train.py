@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     config.update(task=task, world_size=world, global_batch=args.batch_size * world * args.accum_steps)
     tracker = Tracker(resolve_tracking_uri(args.tracking_uri), args.experiment, args.name, args.user, enabled=is_main())
     try:
-        tracker.start(config)
+        saved = (resumed or {}).get("tracking") or {}
+        tracker.start(config, resume_run_id=saved.get("run_id") if saved.get("uri") == tracker.uri else None)
     except TrackingError as e:
         raise UsageError(str(e)) from None
     seed_everything(args.seed + rank)  # distinct dropout/mixup draws per process; data order is seeded apart
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt.update(state_dict_train=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict() if scheduler is not None else None,
                             scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                            rng=rng_state(), best=best)
+                            rng=rng_state(), best=best, tracking={"uri": tracker.uri, "run_id": tracker.run_id})
             atomic_save(ckpt, run_dir / filename)
 
         def predict_val() -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

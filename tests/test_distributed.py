@@ -226,7 +226,11 @@ def test_resume_under_torchrun_continues_in_the_same_folder(ddp_run, work):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    assert len(client.search_runs([client.get_experiment_by_name("ddp-resume").experiment_id])) == 1
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert len(runs) == 1  # the resumed launch continued the interrupted run, whatever --experiment says
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_f1")]
+    assert steps == list(range(EPOCHS + 1)) and runs[0].info.status == "FINISHED"
+    assert client.get_experiment_by_name("ddp-resume") is None
 
 
 # --------------------------------------------------------------------------- faults
