@@ -52,15 +52,19 @@ variant() {
     mixup)         run mixup --mixup 0.2 --cutmix 1.0 ;;
     fast_aug)      run fast_aug --augmentation FastAugmentation ;;
     tta)           score tta --model_dir "$OUT/runs/base" --tta hflip --offsets none ;;
-    offsets)       python calibrate.py --runs "$OUT/runs/base" --write > "$OUT/offsets.log" 2>&1
+    offsets)       python calibrate.py --runs "$OUT/runs/base" --method coordinate --write > "$OUT/offsets.log" 2>&1
                    score offsets --model_dir "$OUT/runs/base" ;;
+    offsets_prior) python calibrate.py --runs "$OUT/runs/base" --method prior --write > "$OUT/offsets_prior.log" 2>&1
+                   score offsets_prior --model_dir "$OUT/runs/base" ;;
+    multihead_prior) python calibrate.py --runs "$OUT/runs/multihead" --method prior --write > "$OUT/multihead_prior.log" 2>&1
+                   score multihead_prior --model_dir "$OUT/runs/multihead" ;;
     ensemble)      train seed1 --seed 1 && score ensemble --model_dir "$OUT/runs/base" "$OUT/runs/seed1" --offsets none ;;
     *) echo "unknown variant $1" >&2; return 2 ;;
   esac
 }
 
 VARIANTS=("$@")
-[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(base tta offsets random_init size128 multihead separate bins58 class_weights sampler focal mixup fast_aug ensemble)
+[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(base tta offsets offsets_prior random_init size128 multihead multihead_prior separate bins58 class_weights sampler focal mixup fast_aug ensemble)
 for v in "${VARIANTS[@]}"; do
   start=$(date +%s)
   variant "$v"
