@@ -246,7 +246,10 @@ def kfold_split(samples: Sequence[Sample], k: int, fold: int, seed: int,
     labels = [s.label18(age_bins) for s in samples]
     groups = [s.person for s in samples]
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    train_idx, val_idx = list(splitter.split(np.zeros(len(samples)), labels, groups))[fold]
+    try:
+        train_idx, val_idx = list(splitter.split(np.zeros(len(samples)), labels, groups))[fold]
+    except ValueError as e:  # e.g. fewer people than folds
+        raise DataError(f"cannot make {k} person folds of {len(set(groups))} people: {e}") from None
     return train_idx.tolist(), val_idx.tolist()
 
 

@@ -310,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(str(e)) from None
     seed_everything(args.seed + rank)  # distinct dropout/mixup draws per process; data order is seeded apart
     try:
-
         # ---- data
         samples = data.discover(args.data_dir, skip_bad_images=args.skip_bad_images, age_bins=args.age_bins,
                                 verbose=is_main())

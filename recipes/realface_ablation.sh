@@ -42,6 +42,9 @@ variant() {
     random_init)   run random_init --pretrained False ;;
     size128)       run size128 --resize 128 128 ;;
     multihead)     run multihead --task multi ;;
+    multihead128)  run multihead128 --task multi --resize 128 128 ;;
+    multihead128_prior) python calibrate.py --runs "$OUT/runs/multihead128" --method prior --write > "$OUT/multihead128_prior.log" 2>&1
+                   score multihead128_prior --model_dir "$OUT/runs/multihead128" ;;
     separate)      train sep_mask --dataset MaskSplitByProfileDatasetForAlbumOnlyMask
                    train sep_ga --dataset MaskSplitByProfileDatasetForAlbumOnlyGenderAge
                    score separate --isEnsemble True --mask_model_dir "$OUT/runs/sep_mask" --genderage_model_dir "$OUT/runs/sep_ga" ;;
@@ -64,7 +67,7 @@ variant() {
 }
 
 VARIANTS=("$@")
-[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(base tta offsets offsets_prior random_init size128 multihead multihead_prior separate bins58 class_weights sampler focal mixup fast_aug ensemble)
+[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(base tta offsets offsets_prior random_init size128 multihead multihead_prior multihead128 multihead128_prior separate bins58 class_weights sampler focal mixup fast_aug ensemble)
 for v in "${VARIANTS[@]}"; do
   start=$(date +%s)
   variant "$v"
