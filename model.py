@@ -293,7 +293,17 @@ def _efficientnet_stage_blocks(net: nn.Module, num_stages: int) -> int:
 # --------------------------------------------------------------------------- the zoo (SPEC §3)
 
 
-class BaseNet(nn.Module):
+class _FeaturesHead(nn.Module):
+    """`features` (ending in a pooled vector) then `fc`; the from-scratch CNNs below fill both."""
+
+    features: nn.Module
+    fc: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class BaseNet(_FeaturesHead):
     """Small CNN of the original baseline (3 convs, 2 max-pools, dropout, global average pool, fc).
 
     Global average pooling makes it input-size agnostic (documented 128x96, H x W).
@@ -309,9 +319,6 @@ class BaseNet(nn.Module):
         )
         self.fc = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
 
 @register_model("BaseModel", input_size=(128, 96))
 def base_model(num_classes: int, pretrained: bool = False, multihead: bool = False,
@@ -320,7 +327,7 @@ def base_model(num_classes: int, pretrained: bool = False, multihead: bool = Fal
     return BaseNet(make_head(128, num_classes, multihead), dropout)
 
 
-class SmallNet(nn.Module):
+class SmallNet(_FeaturesHead):
     """Fast CNN for small inputs: four stride-2 conv-BN-ReLU stages (32-64-128-256 channels),
     global average pool, dropout; 1.2M parameters, hundreds of 96x72 images/s training on 2 CPU cores."""
 
@@ -334,9 +341,6 @@ class SmallNet(nn.Module):
             width = out
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
         self.fc = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
 
 @register_model("SmallCNN", input_size=(96, 72))
