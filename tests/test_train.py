@@ -303,6 +303,23 @@ def test_amp_channels_last_build_and_run_on_cpu(tiny_train_args, tiny_root, tmp_
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
+def test_compile_flag_wraps_the_model(tiny_train_args, tiny_root, tmp_path, monkeypatch):
+    """--compile True goes through torch.compile; the "eager" backend keeps the test free of
+    C++ code generation while still tracing the model with TorchDynamo."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kw):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    rc, run = run_train(tmp_path, tiny_train_args, tiny_root / "train", "--epochs", "1", "--compile", "True")
+    assert rc == 0 and len(compiled) == 1
+    assert load_checkpoint(run / "last.pth")["args"]["compile"] is True
+    assert not any(k.startswith("_orig_mod") for k in load_checkpoint(run / "last.pth")["state_dict"])
+
+
 def test_corrupt_image_fails_cleanly_or_is_skipped(tiny_train_args, tiny_root, tmp_path, cli, capsys):
     data_dir = tmp_path / "train"
     shutil.copytree(tiny_root / "train", data_dir)
