@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from loss import class_weights_from_labels, compute_loss, create_criterion, mixed_loss
     from metrics import class_names, evaluate_predictions, per_class_table, save_confusion_matrix_png, write_per_class_csv
-    from model import PretrainedUnavailable, check_pretrained, create_model, logits_to_probs, model_info, trainable_parameters
+    from model import (HEAD_SIZES, PretrainedUnavailable, check_pretrained, create_model, logits_to_probs, model_info,
+                       trainable_parameters)
     from tracking import Tracker, TrackingError, resolve_tracking_uri
 
     try:  # unknown names fail here, listing the known ones, before any work
@@ -329,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({store.cache_files[0]})")
         train_set = data.MaskDataset(samples, store, train_idx, task, args.age_bins, augmentation, train=True, seed=args.seed)
         val_set = data.MaskDataset(samples, store, val_idx, task, args.score_age_bins, train=False)
-        train_labels = np.array([t if task != "multi" else 0 for t in train_set.targets])
-        head_labels = np.array(train_set.targets) if task == "multi" else None
+        train_labels = np.array(train_set.targets)  # [N], or [N, 3] head labels for multi
         sampler_weights = None
         if args.sampler == "weighted":
             label_for_sampling = np.array(train_set.labels18()) if task == "multi" else train_labels
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         transform = data.BatchTransform(mean, std, augmentation.jitter, augmentation.noise_std, args.channels_last)
         if args.class_weights == "auto":
             if task == "multi":
-                weights = tuple(class_weights_from_labels(head_labels[:, i], n).to(device) for i, n in enumerate((3, 2, 3)))
+                weights = tuple(class_weights_from_labels(train_labels[:, i], n).to(device) for i, n in enumerate(HEAD_SIZES))
             else:
                 weights = class_weights_from_labels(train_labels, num_classes).to(device)
         else:
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                     logits = output[0] if isinstance(output, tuple) else output
                     with torch.no_grad():
                         pred = logits_to_probs(logits.float(), task == "multi").argmax(1)
-                        truth = targets[:, 0] * 6 + targets[:, 1] * 3 + targets[:, 2] if task == "multi" else targets
+                        truth = data.encode_class(*targets.unbind(1)) if task == "multi" else targets
                         correct += int((pred == truth).sum())
                     loss_sum += float(loss.detach()) * images.shape[0]
                     seen += images.shape[0]
