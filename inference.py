@@ -93,6 +93,19 @@ def decide(probs: np.ndarray, offsets=None) -> np.ndarray:
     return (np.log(np.clip(probs, 1e-12, None)) + np.asarray(offsets, dtype=np.float64)).argmax(1)
 
 
+def ensemble_offsets(ckpts: list[dict], weights: np.ndarray) -> np.ndarray | None:
+    """Decision offsets for a soft vote: the weighted mean of each model's `class_offsets`
+    (each fitted on its own validation people). None unless every model carries them."""
+    have = [c.get("class_offsets") is not None for c in ckpts]
+    if not any(have):
+        return None
+    if not all(have):
+        print(f"warning: only {sum(have)} of {len(ckpts)} models carry decision offsets; using plain arg-max")
+        return None
+    offsets = np.array([c["class_offsets"] for c in ckpts], dtype=np.float64)
+    return (offsets * weights[:, None]).sum(0) / weights.sum()
+
+
 def load_for_task(model_dir: str, state: str, expected_task: str | None = None) -> tuple[dict, Path]:
     path = resolve_state_path(model_dir, state)
     ckpt = load_checkpoint(path)
@@ -173,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             probs = predict_probs(ckpt, paths, **run)
             total = probs * w if total is None else total + probs * w
         probs = total / weights.sum()
-        offsets = loaded[0][0].get("class_offsets") if len(loaded) == 1 and args.offsets == "auto" else None
+        offsets = ensemble_offsets([c for c, _ in loaded], weights) if args.offsets == "auto" else None
         if offsets is not None:
-            print("applying the checkpoint's per-class decision offsets (--offsets none to disable)")
+            print("applying the checkpoints' per-class decision offsets (--offsets none to disable)")
         pred = decide(probs, offsets)
         written = write_outputs(info, probs, pred, out_dir, "output")
     print(class_count_summary(pred, probs.shape[1]))

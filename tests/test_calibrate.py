@@ -93,3 +93,26 @@ def test_holdout_layout_and_no_person_overlap(demo_root, tmp_path):
     n_people = len({s.person for s in source.values()})
     assert len(eval_people) == round(n_people * 0.25)
     assert len(train) + len(paths) == len(source)
+
+
+def test_soft_vote_applies_the_mean_of_the_models_offsets(trained_run, demo_root, tmp_path):
+    runs = []
+    for name, offsets in (("a", [0.0] * 17 + [40.0]), ("b", [0.0] * 16 + [40.0, 0.0])):
+        run = tmp_path / name
+        shutil.copytree(trained_run, run)
+        ckpt = load_checkpoint(run / "best_f1.pth")
+        ckpt["class_offsets"] = offsets
+        torch.save(ckpt, run / "best_f1.pth")
+        runs.append(run)
+    # Mean offsets: +20 on classes 16 and 17, so every prediction is one of the two.
+    out = tmp_path / "out"
+    assert inference.main(["--data_dir", str(demo_root / "eval"), "--model_dir", *map(str, runs),
+                           "--output_dir", str(out), "--num_workers", "0"]) == 0
+    assert set(pd.read_csv(out / "output.csv")["ans"]) <= {16, 17}
+    # One model without offsets: plain arg-max of the soft vote, with a warning.
+    plain = tmp_path / "plain"
+    shutil.copytree(trained_run, plain)
+    assert inference.main(["--data_dir", str(demo_root / "eval"), "--model_dir", str(runs[0]), str(plain),
+                           "--output_dir", str(out / "mixed"), "--num_workers", "0"]) == 0
+    probs = pd.read_csv(out / "mixed" / "output_probs.csv").drop(columns="ImageID").to_numpy()
+    assert (pd.read_csv(out / "mixed" / "output.csv")["ans"].to_numpy() == probs.argmax(1)).all()
