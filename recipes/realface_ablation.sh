@@ -48,6 +48,8 @@ variant() {
     multihead128_bins58) run multihead128_bins58 --task multi --resize 128 128 --age_bins 30 58 --score_age_bins 30 60 ;;
     multihead128_bins58_prior) python calibrate.py --runs "$OUT/runs/multihead128_bins58" --method prior --write > "$OUT/multihead128_bins58_prior.log" 2>&1
                    score multihead128_bins58_prior --model_dir "$OUT/runs/multihead128_bins58" ;;
+    multihead128_pair_prior) # soft vote of the two calibrated 128 models above (age cut 60 and 58): the recipe
+                   score multihead128_pair_prior --model_dir "$OUT/runs/multihead128" "$OUT/runs/multihead128_bins58" ;;
     separate)      train sep_mask --dataset MaskSplitByProfileDatasetForAlbumOnlyMask
                    train sep_ga --dataset MaskSplitByProfileDatasetForAlbumOnlyGenderAge
                    score separate --isEnsemble True --mask_model_dir "$OUT/runs/sep_mask" --genderage_model_dir "$OUT/runs/sep_ga" ;;
