@@ -618,6 +618,19 @@ def check_pretrained(name: str) -> None:
         info.check_pretrained(name)
 
 
+def size_options(name: str, resize: tuple[int, int]) -> dict:
+    """Builder options an input size implies: models whose weights are sized for their input
+    (ViT positional embeddings: ``image_size``) are built for ``resize``; others need nothing.
+    Stored in checkpoints so the same network is rebuilt for inference."""
+    import inspect
+
+    if "image_size" not in inspect.signature(model_info(name).builder).parameters:
+        return {}
+    if resize[0] != resize[1]:
+        raise ValueError(f"{name} needs a square input, got --resize {resize[0]} {resize[1]}")
+    return {"image_size": int(resize[0])}
+
+
 def create_model(name: str, num_classes: int, pretrained: bool = False, multihead: bool = False,
                  **options) -> nn.Module:
     """Build model ``name`` (a registry name or ``timm:<timm name>``) with ``num_classes`` outputs.

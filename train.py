@@ -261,13 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     from loss import class_weights_from_labels, compute_loss, create_criterion, mixed_loss
     from metrics import class_names, evaluate_predictions, per_class_table, save_confusion_matrix_png, write_per_class_csv
     from model import (HEAD_SIZES, PretrainedUnavailable, check_pretrained, create_model, logits_to_probs, model_info,
-                       trainable_parameters)
+                       size_options, trainable_parameters)
     from tracking import Tracker, TrackingError, resolve_tracking_uri
 
     try:  # unknown names fail here, listing the known ones, before any work
         spec = data.dataset_spec(args.dataset)
         augmentation = data.create_augmentation(args.augmentation)
         info = model_info(args.model)
+        model_options = size_options(args.model, tuple(args.resize or info.input_size))
         if args.pretrained and not args.resume:
             check_pretrained(args.model)  # offline without cached weights: fail now, not after data setup
     except (ValueError, PretrainedUnavailable) as e:
@@ -346,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         # ---- model, loss, optimiser
         mean, std = info.mean, info.std
         model = create_model(args.model, num_classes if task != "multi" else 18,
-                             pretrained=args.pretrained and not resumed, multihead=task == "multi").to(device)
+                             pretrained=args.pretrained and not resumed, multihead=task == "multi",
+                             **model_options).to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         transform = data.BatchTransform(mean, std, augmentation.jitter, augmentation.noise_std, args.channels_last)
@@ -425,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         names = class_names(task, args.age_bins)
         metadata = {
             "format": "mask-toolkit/1",
-            "model": {"name": args.model, "num_classes": num_classes if task != "multi" else 18, "multihead": task == "multi"},
+            "model": {"name": args.model, "num_classes": num_classes if task != "multi" else 18, "multihead": task == "multi",
+                      "options": model_options},
             "task": task, "classes": names, "age_bins": list(args.age_bins),
             "preprocess": {"resize": list(resize), "crop": list(augmentation.crop) if augmentation.crop else None,
                            "mean": list(mean), "std": list(std)},

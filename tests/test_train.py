@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import f1_score
@@ -360,3 +361,22 @@ def test_unknown_name_cli_prints_one_line_and_exits_2(cli, tmp_path):
     assert proc.returncode == 2, stdout + stderr
     assert stderr.startswith("error: unknown model 'NoSuchNet'; known: ") and stderr.count("\n") == 1, stderr
     assert "SmallCNN" in stderr and not (tmp_path / "m").exists()
+
+
+def test_vit_trains_and_predicts_at_a_non_default_size(tiny_train_args, demo_root, tmp_path):
+    """ViT positional embeddings are sized for the input: the size is a build option, recorded
+    in the checkpoint, so inference rebuilds the same network."""
+    import inference
+
+    rc, run = run_train(tmp_path, tiny_train_args, demo_root / "train", "--model", "ViTPretrainedFreeze",
+                        "--pretrained", "False", "--resize", "32", "32", "--epochs", "1", "--mode", "all")
+    assert rc == 0
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["model"]["options"] == {"image_size": 32}
+    assert build_model(ckpt)(torch.zeros(1, 3, 32, 32)).shape == (1, 18)
+    assert inference.main(["--data_dir", str(demo_root / "eval"), "--model_dir", str(run), "--state", "last",
+                           "--output_dir", str(tmp_path / "out"), "--num_workers", "0"]) == 0
+    assert len(pd.read_csv(tmp_path / "out" / "output.csv")) == len(pd.read_csv(demo_root / "eval" / "info.csv"))
+    with pytest.raises(train.UsageError, match="square"):
+        train.main(["--model", "ViTPretrainedFreeze", "--pretrained", "False", "--resize", "32", "48",
+                    "--data_dir", str(demo_root / "train"), "--model_dir", str(tmp_path / "m"), "--tracking_uri", "none"])
