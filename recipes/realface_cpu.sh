@@ -3,11 +3,13 @@
 #   recipes/realface_cpu.sh TRAIN_DIR EVAL_DIR OUT_DIR
 # TRAIN_DIR: competition training layout (train/ or train/images); EVAL_DIR: info.csv + images/.
 # Writes OUT_DIR/output.csv (and output_probs.csv); under 30 minutes on 2 idle CPU cores.
+# SEED=N (default 0) changes the validation people and the initialisation of the new heads.
 # Each choice is measured in README "Recipes" (recipes/realface_ablation.sh).
 set -euo pipefail
 TRAIN_DIR=${1:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 EVAL_DIR=${2:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 OUT=${3:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
+SEED=${SEED:-0}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 rm -rf "$OUT/model/age60" "$OUT/model/age58"  # a re-run replaces its own runs (train.py never overwrites one)
@@ -20,7 +22,7 @@ start=$(date +%s)
 COMMON=(--data_dir "$TRAIN_DIR" --model_dir "$OUT/model" --task multi
         --model EfficientNetLite0 --pretrained True --resize 128 128 --augmentation FlipAugmentation
         --criterion label_smoothing --smoothing 0.1 --optimizer AdamW --lr 2e-3 --weight_decay 1e-4
-        --scheduler onecycle --epochs 6 --batch_size 64 --val_ratio 0.15 --seed 0
+        --scheduler onecycle --epochs 6 --batch_size 64 --val_ratio 0.15 --seed "$SEED"
         --cache True --cache_dir "$OUT/cache" --tracking_uri none)
 # 2. Two models that differ in where their age head puts the upper cut: 60 (the scored one) and 58
 #    (scored with 60 all the same); their soft vote blurs the hard ">= 60" boundary.
