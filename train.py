@@ -540,9 +540,13 @@ def main(argv: list[str] | None = None) -> int:
                     if is_main():
                         store.fill(range(len(store)))  # rows no loader touched (e.g. --mode all leaves none)
                         store.finalize()
+                if world > 1:  # every rank's share, so the logged figures cover the whole epoch
+                    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+                    dist.all_reduce(totals)
+                    loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
                 metrics = {"train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
                            "lr": optimizer.param_groups[0]["lr"], "epoch_time": elapsed,
-                           "train_images_per_s": seen * world / elapsed}
+                           "train_images": seen, "train_images_per_s": seen / elapsed}
                 log(f"epoch {epoch + 1}/{args.epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.2%} "
                     f"({elapsed:.1f}s, {metrics['train_images_per_s']:.0f} img/s)")
 
