@@ -64,15 +64,23 @@ variant() {
                    score offsets --model_dir "$OUT/runs/base" ;;
     offsets_prior) python calibrate.py --runs "$OUT/runs/base" --method prior --write > "$OUT/offsets_prior.log" 2>&1
                    score offsets_prior --model_dir "$OUT/runs/base" ;;
+    multihead_offsets) python calibrate.py --runs "$OUT/runs/multihead" --method coordinate --write > "$OUT/multihead_offsets.log" 2>&1
+                   score multihead_offsets --model_dir "$OUT/runs/multihead" ;;
     multihead_prior) python calibrate.py --runs "$OUT/runs/multihead" --method prior --write > "$OUT/multihead_prior.log" 2>&1
                    score multihead_prior --model_dir "$OUT/runs/multihead" ;;
-    ensemble)      train seed1 --seed 1 && score ensemble --model_dir "$OUT/runs/base" "$OUT/runs/seed1" --offsets none ;;
+    seed1)         run seed1 --seed 1 ;;
+    ensemble)      [ -f "$OUT/runs/seed1/best_f1.pth" ] || train seed1 --seed 1
+                   score ensemble --model_dir "$OUT/runs/base" "$OUT/runs/seed1" --offsets none ;;
+    ensemble_prior) for r in base seed1; do python calibrate.py --runs "$OUT/runs/$r" --method prior --write >> "$OUT/ensemble_prior.log" 2>&1; done
+                   score ensemble_prior --model_dir "$OUT/runs/base" "$OUT/runs/seed1" ;;
     *) echo "unknown variant $1" >&2; return 2 ;;
   esac
 }
 
 VARIANTS=("$@")
-[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(base tta offsets offsets_prior random_init size128 multihead multihead_prior multihead128 multihead128_prior separate bins58 class_weights sampler focal mixup fast_aug ensemble)
+[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(base seed1 random_init tta offsets offsets_prior bins58 class_weights sampler focal mixup
+  ensemble ensemble_prior separate multihead multihead_offsets multihead_prior multihead128 multihead128_prior multihead128_bins58
+  multihead128_bins58_prior multihead128_pair_prior)
 for v in "${VARIANTS[@]}"; do
   start=$(date +%s)
   variant "$v"
