@@ -2,7 +2,7 @@
 # A CPU recipe for real face photos: train two models, tune the decision rule, predict.
 #   recipes/realface_cpu.sh TRAIN_DIR EVAL_DIR OUT_DIR
 # TRAIN_DIR: competition training layout (train/ or train/images); EVAL_DIR: info.csv + images/.
-# Writes OUT_DIR/output.csv (and output_probs.csv); under 30 minutes on 2 idle CPU cores.
+# Writes OUT_DIR/output.csv (and output_probs.csv). Two 6-epoch trainings: 23-33 minutes on 2 CPU cores.
 # SEED=N (default 0) changes the validation people and the initialisation of the new heads.
 # Each choice is measured in README "Recipes" (recipes/realface_ablation.sh).
 set -euo pipefail
