@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args.age_bins = tuple(args.age_bins)
     args.score_age_bins = tuple(args.score_age_bins or args.age_bins)
     task = args.task or spec["task"]
-    num_classes = data.TASK_CLASSES[task]
+    num_classes = data.TASK_CLASSES[task]  # 18 for multi: the heads combine into the 18 classes
     resize = tuple(args.resize) if args.resize else tuple(info.input_size)
     args.resize = list(resize)
 
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # ---- model, loss, optimiser
         mean, std = info.mean, info.std
-        model = create_model(args.model, num_classes if task != "multi" else 18,
+        model = create_model(args.model, num_classes,
                              pretrained=args.pretrained and not resumed, multihead=task == "multi",
                              **model_options).to(device)
         if args.channels_last:
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 weights = class_weights_from_labels(train_labels, num_classes).to(device)
         else:
             weights = None
-        criterion = create_criterion(args.criterion, num_classes if task != "multi" else 18, task=task,
+        criterion = create_criterion(args.criterion, num_classes, task=task,
                                      class_weights=weights, smoothing=args.smoothing, gamma=args.focal_gamma,
                                      head_weights=tuple(args.head_weights))
         params = trainable_parameters(model)
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         names = class_names(task, args.age_bins)
         metadata = {
             "format": "mask-toolkit/1",
-            "model": {"name": args.model, "num_classes": num_classes if task != "multi" else 18, "multihead": task == "multi",
+            "model": {"name": args.model, "num_classes": num_classes, "multihead": task == "multi",
                       "options": model_options},
             "task": task, "classes": names, "age_bins": list(args.age_bins),
             "preprocess": {"resize": list(resize), "crop": list(augmentation.crop) if augmentation.crop else None,
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                     logits = net(images).float()
                     loss_sum += float(criterion(logits, targets)) * images.shape[0]
                     probs.append(logits_to_probs(logits, task == "multi").cpu())
-            probs = torch.cat(probs).numpy() if probs else np.zeros((0, 18 if task == "multi" else num_classes))
+            probs = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes))
             mine = (val_sampler, probs, loss_sum)
             if world > 1:
                 gathered = [None] * world

@@ -31,6 +31,10 @@ score() {  # score NAME [inference flags]: predict the hold-out, evaluate, recor
     | python -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'variant': '$name', **{k: round(r[k], 4) for k in ('f1','f1_mask','f1_gender','f1_age','accuracy')}}))" \
     | tee -a "$OUT/results.jsonl"
 }
+calibrated() {  # calibrated NAME RUN METHOD: fit offsets into RUN's best_f1.pth, score it as NAME
+  python calibrate.py --runs "$OUT/runs/$2" --method "$3" --write > "$OUT/$1.log" 2>&1
+  score "$1" --model_dir "$OUT/runs/$2"
+}
 run() {  # plain variant: train with extra flags, score best_f1.pth
   local name=$1; shift
   train "$name" "$@" && score "$name" --model_dir "$OUT/runs/$name" --offsets none
@@ -43,11 +47,9 @@ variant() {
     size128)       run size128 --resize 128 128 ;;
     multihead)     run multihead --task multi ;;
     multihead128)  run multihead128 --task multi --resize 128 128 ;;
-    multihead128_prior) python calibrate.py --runs "$OUT/runs/multihead128" --method prior --write > "$OUT/multihead128_prior.log" 2>&1
-                   score multihead128_prior --model_dir "$OUT/runs/multihead128" ;;
+    multihead128_prior) calibrated multihead128_prior multihead128 prior ;;
     multihead128_bins58) run multihead128_bins58 --task multi --resize 128 128 --age_bins 30 58 --score_age_bins 30 60 ;;
-    multihead128_bins58_prior) python calibrate.py --runs "$OUT/runs/multihead128_bins58" --method prior --write > "$OUT/multihead128_bins58_prior.log" 2>&1
-                   score multihead128_bins58_prior --model_dir "$OUT/runs/multihead128_bins58" ;;
+    multihead128_bins58_prior) calibrated multihead128_bins58_prior multihead128_bins58 prior ;;
     multihead128_pair_prior) # soft vote of the two calibrated 128 models above (age cut 60 and 58): the recipe
                    score multihead128_pair_prior --model_dir "$OUT/runs/multihead128" "$OUT/runs/multihead128_bins58" ;;
     separate)      train sep_mask --dataset MaskSplitByProfileDatasetForAlbumOnlyMask
@@ -60,14 +62,10 @@ variant() {
     mixup)         run mixup --mixup 0.2 --cutmix 1.0 ;;
     fast_aug)      run fast_aug --augmentation FastAugmentation ;;
     tta)           score tta --model_dir "$OUT/runs/base" --tta hflip --offsets none ;;
-    offsets)       python calibrate.py --runs "$OUT/runs/base" --method coordinate --write > "$OUT/offsets.log" 2>&1
-                   score offsets --model_dir "$OUT/runs/base" ;;
-    offsets_prior) python calibrate.py --runs "$OUT/runs/base" --method prior --write > "$OUT/offsets_prior.log" 2>&1
-                   score offsets_prior --model_dir "$OUT/runs/base" ;;
-    multihead_offsets) python calibrate.py --runs "$OUT/runs/multihead" --method coordinate --write > "$OUT/multihead_offsets.log" 2>&1
-                   score multihead_offsets --model_dir "$OUT/runs/multihead" ;;
-    multihead_prior) python calibrate.py --runs "$OUT/runs/multihead" --method prior --write > "$OUT/multihead_prior.log" 2>&1
-                   score multihead_prior --model_dir "$OUT/runs/multihead" ;;
+    offsets)       calibrated offsets base coordinate ;;
+    offsets_prior) calibrated offsets_prior base prior ;;
+    multihead_offsets) calibrated multihead_offsets multihead coordinate ;;
+    multihead_prior) calibrated multihead_prior multihead prior ;;
     seed1)         run seed1 --seed 1 ;;
     ensemble)      [ -f "$OUT/runs/seed1/best_f1.pth" ] || train seed1 --seed 1
                    score ensemble --model_dir "$OUT/runs/base" "$OUT/runs/seed1" --offsets none ;;
