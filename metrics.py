@@ -11,19 +11,20 @@ called without `labels`: it averages over the classes present in y_true or y_pre
 is present but never predicted (or predicted but never present) counts as F1 0, and a class absent
 from both is left out of the mean rather than counted as 0 or 1.
 
-Only numpy and sklearn are imported at module level; matplotlib is imported inside the one
-function that draws, so importing this module stays cheap and has no global side effects.
+Only numpy, sklearn and the stdlib-only fileio are imported at module level; matplotlib is imported
+inside the one function that draws, so importing this module stays cheap and has no global side effects.
 """
 from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import f1_score
+
+from fileio import atomic_write
 
 TASK_CLASSES = {"all": 18, "mask": 3, "genderage": 6, "multi": 18}
 DEFAULT_AGE_BINS = (30, 60)
@@ -179,37 +180,20 @@ def confusion_matrix_text(y_true: Any, y_pred: Any, num_classes: int) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`,
-    so a crash never leaves a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_per_class_csv(path: str | os.PathLike, y_true: Any, y_pred: Any, task: str,
                         age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> None:
     """per_class_rows as CSV (empty accuracy for a class with no samples), written atomically."""
     rows = per_class_rows(y_true, y_pred, task, age_bins)
 
-    def write(tmp: str) -> None:
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             for r in rows:
                 writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
 
-    _atomic_write(path, write)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
 
 
 def save_confusion_matrix_png(path: str | os.PathLike, y_true: Any, y_pred: Any, task: str,
@@ -244,4 +228,5 @@ def save_confusion_matrix_png(path: str | os.PathLike, y_true: Any, y_pred: Any,
     ax.set_ylabel("true")
     ax.set_title(f"{task}: accuracy {scores['accuracy']:.4f}, macro F1 {scores['f1']:.4f} (n={len(t)})")
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

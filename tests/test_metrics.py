@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fileio  # noqa: E402
 import metrics  # noqa: E402
 
 
@@ -187,6 +189,22 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        metrics._atomic_write(out, boom)
+        fileio.atomic_write(out, boom)  # the one atomic write metrics.py uses
     assert out.read_text() == "old"
     assert os.listdir(tmp_path) == ["per_class.csv"]
+
+
+def test_report_files_honour_umask(tmp_path):
+    """Issue 18 item 7: per_class.csv and confusion_matrix.png are readable by the group and
+    others under the usual umask 022 (temp-file helpers make 0600), and follow a stricter one."""
+    t, p = random_pair(60, 18, 5)
+    for umask, want in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            csv_path, png_path = tmp_path / f"{umask:o}" / "per_class.csv", tmp_path / f"{umask:o}" / "cm.png"
+            metrics.write_per_class_csv(csv_path, t, p, "all")
+            metrics.save_confusion_matrix_png(png_path, t, p, "all")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(csv_path.stat().st_mode) == want
+        assert stat.S_IMODE(png_path.stat().st_mode) == want
