@@ -2,6 +2,7 @@
 
     SM_GROUND_TRUTH_DIR=gt_dir SM_OUTPUT_DATA_DIR=out_dir python evaluation.py
     python evaluation.py --gt gt.csv --pred output.csv [--json]
+    python evaluation.py --gt gt_dir --pred out_dir        # folders holding gt.csv / output.csv
 
 Both files are CSVs with the columns `ImageID,ans` (other columns are ignored). Rows are paired by
 ImageID, never by position, so the prediction file may be in any order. Prints accuracy, macro F1
@@ -21,12 +22,12 @@ import csv
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+import cli
 import metrics
 
 NUM_CLASSES = 18
@@ -36,16 +37,11 @@ _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _INT_FLOAT = re.compile(r"([+-]?[0-9]+)\.0*", re.ASCII)  # "3.0": an integer written by a float column
 
 
-class EvaluationError(ValueError):
+class EvaluationError(cli.ToolkitError, ValueError):
     """Bad evaluation input; str() is one line naming the file."""
 
     def __init__(self, what: str, path: str | os.PathLike | None = None):
         super().__init__(f"{what} ({path})" if path is not None else what)
-
-
-def _examples(items: Sequence[str], k: int = 3) -> str:
-    shown = ", ".join(repr(s) for s in items[:k])
-    return shown + (", ..." if len(items) > k else "")
 
 
 def parse_label(text: str) -> int | None:
@@ -53,6 +49,16 @@ def parse_label(text: str) -> int | None:
     s = text.strip()
     m = _INT.fullmatch(s) or _INT_FLOAT.fullmatch(s)
     return int(m.group(1) if m.re is _INT_FLOAT else s) if m else None
+
+
+def csv_path(path: str | os.PathLike, name: str) -> Path:
+    """`path` itself, or `path/name` when `path` is a folder (as SM_GROUND_TRUTH_DIR is)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / name).is_file():
+            raise EvaluationError(f"not a file and holds no {name}", path)
+        return p / name
+    return p
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
@@ -114,25 +120,32 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
 
 def load_labels(gt_path: str | os.PathLike, pred_path: str | os.PathLike
                 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(ImageIDs in ground-truth order, true labels, predicted labels), paired by ImageID."""
+    """(ImageIDs in ground-truth order, true labels, predicted labels), paired by ImageID.
+    Either path may be a folder holding gt.csv / output.csv."""
+    gt_path, pred_path = csv_path(gt_path, "gt.csv"), csv_path(pred_path, "output.csv")
     gt, pred = read_labels(gt_path), read_labels(pred_path)
     missing = [i for i in gt if i not in pred]
     if missing:
         raise EvaluationError(f"{len(missing)} ImageID(s) of the ground truth missing from the predictions: "
-                              f"{_examples(missing)}", pred_path)
+                              f"{cli.examples([repr(i) for i in missing])}", pred_path)
     extra = [i for i in pred if i not in gt]
     if extra:
         raise EvaluationError(f"{len(extra)} ImageID(s) in the predictions not in the ground truth: "
-                              f"{_examples(extra)}", pred_path)
+                              f"{cli.examples([repr(i) for i in extra])}", pred_path)
     ids = list(gt)
     return ids, np.array([gt[i] for i in ids], dtype=np.int64), np.array([pred[i] for i in ids], dtype=np.int64)
 
 
+def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """accuracy, f1 (18-class macro F1), f1_mask, f1_gender, f1_age, f1_genderage (fractions) and n."""
+    return {**metrics.evaluate_predictions(y_true, y_pred, "all"), "n": len(y_true)}
+
+
 def evaluate_files(gt_path: str | os.PathLike, pred_path: str | os.PathLike) -> dict:
-    """accuracy, f1 (18-class macro F1), f1_mask, f1_gender, f1_age, f1_genderage (fractions) and n.
+    """`scores` of a predictions file against a ground-truth file (or folders holding them).
     Raises EvaluationError on bad input."""
-    ids, y_true, y_pred = load_labels(gt_path, pred_path)
-    return {**metrics.evaluate_predictions(y_true, y_pred, "all"), "n": len(ids)}
+    _, y_true, y_pred = load_labels(gt_path, pred_path)
+    return scores(y_true, y_pred)
 
 
 def _default_path(env: str, name: str) -> str | None:
@@ -144,9 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Score output.csv against gt.csv (pairs rows by ImageID).",
                                      epilog="Exit code 2 on bad input, with a one-line error on stderr.")
     parser.add_argument("--gt", default=None,
-                        help="ground-truth CSV with ImageID,ans (default: $SM_GROUND_TRUTH_DIR/gt.csv)")
+                        help="ground-truth CSV with ImageID,ans, or a folder holding gt.csv "
+                             "(default: $SM_GROUND_TRUTH_DIR/gt.csv)")
     parser.add_argument("--pred", default=None,
-                        help="predictions CSV with ImageID,ans (default: $SM_OUTPUT_DATA_DIR/output.csv)")
+                        help="predictions CSV with ImageID,ans, or a folder holding output.csv "
+                             "(default: $SM_OUTPUT_DATA_DIR/output.csv)")
     parser.add_argument("--json", action="store_true",
                         help="print only one JSON object (accuracy, f1, f1_mask, f1_gender, f1_age, ...) on stdout")
     parser.add_argument("--age_bins", nargs=2, type=int, default=list(metrics.DEFAULT_AGE_BINS),
@@ -167,23 +182,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvaluationError("no ground truth: pass --gt or set SM_GROUND_TRUTH_DIR")
         if pred is None:
             raise EvaluationError("no predictions: pass --pred or set SM_OUTPUT_DATA_DIR")
+        gt, pred = csv_path(gt, "gt.csv"), csv_path(pred, "output.csv")
         ids, y_true, y_pred = load_labels(gt, pred)
-    except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except EvaluationError as e:  # here too, not only in cli.run: in-process callers get the code
+        cli.error(e)
         return EXIT_BAD_INPUT
 
-    scores = {**metrics.evaluate_predictions(y_true, y_pred, "all"), "n": len(ids)}
+    score = scores(y_true, y_pred)
     if args.json:
         rows = metrics.per_class_rows(y_true, y_pred, "all", args.age_bins)
         cm = metrics.confusion_counts(y_true, y_pred, NUM_CLASSES)
-        print(json.dumps({**scores, "gt": str(gt), "pred": str(pred), "per_class": rows,
+        print(json.dumps({**score, "gt": str(gt), "pred": str(pred), "per_class": rows,
                           "confusion_matrix": cm.tolist()}))
         return 0
     print(f"ground truth: {gt}\npredictions:  {pred}\nimages:       {len(ids)}")
-    print(f"accuracy:     {scores['accuracy']:.4f} ({100 * scores['accuracy']:.2f}%)")
-    print(f"macro F1:     {scores['f1']:.4f} (18 classes)")
-    print(f"F1 mask {scores['f1_mask']:.4f} | gender {scores['f1_gender']:.4f} | age {scores['f1_age']:.4f} "
-          f"| gender-age {scores['f1_genderage']:.4f}")
+    print(f"accuracy:     {score['accuracy']:.4f} ({100 * score['accuracy']:.2f}%)")
+    print(f"macro F1:     {score['f1']:.4f} (18 classes)")
+    print(f"F1 mask {score['f1_mask']:.4f} | gender {score['f1_gender']:.4f} | age {score['f1_age']:.4f} "
+          f"| gender-age {score['f1_genderage']:.4f}")
     print("\nper class:")
     print(metrics.per_class_table(y_true, y_pred, "all", args.age_bins))
     print("\nconfusion matrix:")
@@ -192,10 +208,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # e.g. `| head`: stop quietly instead of a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    cli.run(main)  # a closed stdout (`| head`) ends quietly with 1, Ctrl-C with 130

@@ -170,7 +170,8 @@ def test_missing_file_and_unset_env(tmp_path, monkeypatch, capsys):
     assert evaluation.main(["--pred", str(pred)]) == 2
     assert capsys.readouterr().err == f"error: file not found ({tmp_path / 'gt.csv'})\n"
     assert evaluation.main(["--gt", str(tmp_path), "--pred", str(pred)]) == 2
-    assert capsys.readouterr().err == f"error: not a file ({tmp_path})\n"
+    # a folder is accepted when it holds gt.csv (issue 18 item 5); this one does not
+    assert capsys.readouterr().err == f"error: not a file and holds no gt.csv ({tmp_path})\n"
     with pytest.raises(evaluation.EvaluationError, match="file not found"):
         evaluation.evaluate_files(tmp_path / "nope.csv", pred)
 
@@ -185,3 +186,27 @@ def test_bad_input_subprocess(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "error: no ground truth: pass --gt or set SM_GROUND_TRUTH_DIR"
     assert "Traceback" not in r.stderr
+
+
+def test_gt_and_pred_may_be_folders(pair, capsys):
+    """Issue 18 item 5: --gt DIR / --pred DIR take the folders SM_GROUND_TRUTH_DIR and
+    SM_OUTPUT_DATA_DIR name, holding gt.csv and output.csv."""
+    gt, pred, ids, t, p = pair
+    assert evaluation.main(["--gt", str(gt.parent), "--pred", str(pred.parent), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == len(ids) and out["gt"] == str(gt) and out["pred"] == str(pred)
+    assert evaluation.evaluate_files(gt.parent, pred.parent) == evaluation.evaluate_files(gt, pred)
+    pred.unlink()
+    assert evaluation.main(["--gt", str(gt.parent), "--pred", str(pred.parent)]) == 2
+    assert capsys.readouterr().err == f"error: not a file and holds no output.csv ({pred.parent})\n"
+
+
+def test_many_missing_ids_are_summarised(tmp_path):
+    ids = [f"{i}.jpg" for i in range(50)]
+    gt = write_csv(tmp_path / "gt.csv", ids, [1] * 50)
+    pred = write_csv(tmp_path / "pred.csv", ids[:2], [1, 1])
+    with pytest.raises(evaluation.EvaluationError) as info:
+        evaluation.evaluate_files(gt, pred)
+    assert "48 ImageID(s)" in str(info.value) and "'2.jpg', '3.jpg', '4.jpg', and 45 more" in str(info.value)
+    assert "'10.jpg'" not in str(info.value)
+
