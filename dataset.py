@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cli import ToolkitError, examples
+from fileio import atomic_write_text
 from metrics import DEFAULT_AGE_BINS, TASK_CLASSES  # one definition; metrics stays free of torch
 
 cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubscribe the cores
@@ -36,7 +39,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 PERSON_DIR = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>[^_]+)_(?P<age>[^_]+)$")
 
 
-class DataError(ValueError):
+class DataError(ToolkitError, ValueError):
     """Bad input data; the message is one line and names the offending path."""
 
 
@@ -87,6 +90,9 @@ class Sample:
 def images_root(data_dir: str | os.PathLike) -> Path:
     """Accept `train/` (holding `images/`) or `train/images` itself."""
     root = Path(data_dir)
+    if root.is_file():  # e.g. train/train.csv: say what to pass rather than "not found"
+        raise DataError(f"the data directory is a file: {root} (pass the folder that holds images/, "
+                        f"e.g. {root.parent})")
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     if (root / "images").is_dir():
@@ -170,10 +176,12 @@ def discover(
             samples.append(Sample(str(file), person.name, kind, MASK_KINDS[kind], gender, age))
         if len(found) < len(MASK_KINDS):
             incomplete.append(f"{person.name} lacks {', '.join(k for k in MASK_KINDS if k not in found)}")
-    for line in bad:
-        warnings.warn(f"skipped bad image {line}", stacklevel=2)
-    for line in incomplete:
-        warnings.warn(f"incomplete person: {line}", stacklevel=2)
+    # One warning per kind of problem, a few examples each: 288 lines of them hid the real error.
+    if bad:
+        warnings.warn(f"skipped {len(bad)} bad image(s): {examples(bad, sep='; ')}", stacklevel=2)
+    if incomplete:
+        warnings.warn(f"{len(incomplete)} incomplete person(s), fewer than {len(MASK_KINDS)} images: "
+                      f"{examples(incomplete, sep='; ')}", stacklevel=2)
     if not samples:
         raise DataError(f"no usable images under {root}")
     if verbose:
@@ -488,9 +496,8 @@ class ImageStore:
             return False
         self._pixels.flush()
         data, flags, meta = self.cache_files
-        tmp = meta.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"n": len(self.paths), "resize": self.resize, "crop": self.crop}))
-        os.replace(tmp, meta)
+        # atomic: the meta file's existence is what marks the cache complete
+        atomic_write_text(meta, json.dumps({"n": len(self.paths), "resize": self.resize, "crop": self.crop}))
         flags.unlink(missing_ok=True)
         self._writer.close()
         self._pixels = self._filled = self._writer = None
@@ -498,10 +505,6 @@ class ImageStore:
 
 
 # --------------------------------------------------------------------------- augmentations
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 @dataclass
 class Augmentation:
     """What a named augmentation does, split by where it runs.
@@ -757,6 +760,11 @@ class MaskDataset(Dataset):
     def labels18(self) -> list[int]:
         return [self.samples[i].label18(self.age_bins) for i in self.indices]
 
+    def labels(self) -> list[int]:
+        """Class ids of the task's combined prediction (18 for multi-head), at this dataset's age bins."""
+        return [self.task.label(self.samples[i].mask, self.samples[i].gender, self.samples[i].age, self.age_bins)
+                for i in self.indices]
+
 
 class TestDataset(Dataset):
     """Evaluation images in `info.csv` row order -> (uint8 CHW tensor, row index)."""
@@ -772,9 +780,13 @@ class TestDataset(Dataset):
 
 
 def read_eval_info(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
-    """`eval/info.csv` and the image paths in its row order; errors name the file."""
+    """`eval/info.csv` and the image paths in its row order; errors name the file.
+    `data_dir` is the eval folder or its info.csv itself (images are then beside it)."""
     root = Path(data_dir)
-    info_path = root / "info.csv"
+    if root.is_file():
+        root, info_path = root.parent, root
+    else:
+        info_path = root / "info.csv"
     if not info_path.is_file():
         raise DataError(f"info.csv not found: {info_path}")
     try:
@@ -857,11 +869,34 @@ def collate(batch: list):
     return [out, *rest]
 
 
+class QuietWorker:
+    """DataLoader worker_init_fn: the worker ignores SIGTERM and SIGINT, then runs `then` (if any).
+
+    A scheduler (`scancel`, `timeout`, `kill -- -PGID`) or Ctrl-C signals the whole process group.
+    Killed first, the workers would end the run in "DataLoader worker (pid ...) is killed by
+    signal" tracebacks; ignoring the signal leaves the stop to the main process, which shuts
+    its loaders down cleanly (workers also exit by themselves once the main process is gone).
+    A class rather than a closure so it pickles for the spawn start method.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
-                sampler=None, pin_memory: bool = False, drop_last: bool = False, seed: int | None = None
-                ) -> DataLoader:
+                sampler=None, pin_memory: bool = False, seed: int | None = None,
+                worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
+    """The toolkit's DataLoader: persistent workers that leave termination signals to the main
+    process (QuietWorker, chained with `worker_init_fn`), the fast uint8 `collate`."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+                      num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, generator=generator, collate_fn=collate,
+                      worker_init_fn=QuietWorker(worker_init_fn) if num_workers > 0 else worker_init_fn,
                       prefetch_factor=4 if num_workers > 0 else None)

@@ -3,6 +3,7 @@ import json
 import math
 
 import bench
+from model import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_bench_main_prints_table_and_final_json(capsys):
@@ -64,7 +65,7 @@ def test_batch_transform_chunks_match_the_plain_formula():
 
     # 3x200x200 images: the CPU path works in chunks of a few images, so chunk edges are crossed
     images = torch.randint(0, 256, (10, 3, 200, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     for channels_last in (False, True):
         bt = data.BatchTransform(mean, std, jitter=(0.2, 0.2, 0.2, 0.05), channels_last=channels_last)
         torch.manual_seed(3)

@@ -15,6 +15,7 @@ from PIL import Image
 import dataset as data
 import demo_data
 from dataset import DataError
+from model import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = (40, 32)  # (H, W) requested from the datasets
 N_PEOPLE = 18
@@ -478,7 +479,7 @@ def _uint8_batch(n: int = 4) -> torch.Tensor:
 
 def test_batch_transform_eval_is_plain_normalisation():
     x = _uint8_batch()
-    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     bt = data.BatchTransform(mean, std, jitter=(0.3, 0.3, 0.3, 0.1), noise_std=0.2)
     out = bt(x.clone(), train=False)
     expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -489,7 +490,7 @@ def test_batch_transform_eval_is_plain_normalisation():
 
 def test_batch_transform_jitter_only_in_train():
     x = _uint8_batch()
-    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     plain = data.BatchTransform(mean, std)(x.clone(), train=False)
     # no jitter, no noise: training is the same normalisation
     assert torch.allclose(data.BatchTransform(mean, std)(x.clone(), train=True), plain)
@@ -646,3 +647,68 @@ def test_read_eval_info_errors(demo, tmp_path):
     (eval_dir / "info.csv").unlink()
     with pytest.raises(DataError, match=re.escape(str(eval_dir / "info.csv"))):
         data.read_eval_info(eval_dir)
+
+
+# --------------------------------------------------------------------------- messages (issue 18 item 5)
+def test_data_error_is_a_toolkit_error():
+    import cli
+
+    assert issubclass(DataError, cli.ToolkitError) and issubclass(DataError, ValueError)
+
+
+def test_data_dir_that_is_a_file_says_what_to_pass(demo):
+    csv_file = demo / "train" / "train.csv"
+    with pytest.raises(DataError) as err:
+        data.discover(csv_file, verbose=False)
+    message = str(err.value)
+    assert "not found" not in message and "is a file" in message
+    assert str(csv_file) in message and f"e.g. {csv_file.parent})" in message and "\n" not in message
+
+
+def test_read_eval_info_accepts_the_info_csv_itself(demo):
+    from_folder = data.read_eval_info(demo / "eval")
+    from_file = data.read_eval_info(demo / "eval" / "info.csv")
+    assert from_file[1] == from_folder[1] and from_file[0].equals(from_folder[0])
+
+
+def test_many_incomplete_people_are_one_short_warning(demo, tmp_path):
+    train = _copy_people(demo, tmp_path, 8)
+    for person in _people(train):
+        (person / "normal.jpg").unlink()
+    with pytest.warns(UserWarning) as record:
+        found = data.discover(train, verbose=False)
+    assert len(found) == 8 * 6
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert messages[0].startswith("8 incomplete person(s)") and messages[0].endswith("and 5 more")
+    assert sum(p.name in messages[0] for p in _people(train)) == 3
+
+
+# --------------------------------------------------------------------------- loader workers (issue 17)
+class _WorkerSignals(torch.utils.data.Dataset):
+    """Each item: the worker's SIGTERM and SIGINT dispositions, and what the chained init set."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        import signal
+
+        return (int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN),
+                int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN), int(os.environ.get("CHAINED_INIT", "0")))
+
+
+def _mark_init(worker_id: int) -> None:
+    os.environ["CHAINED_INIT"] = "1"
+
+
+def test_loader_workers_leave_termination_signals_to_the_main_process():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    loader = data.make_loader(_WorkerSignals(), batch_size=2, num_workers=1, worker_init_fn=_mark_init)
+    term, intr, chained = next(iter(loader))
+    assert term.tolist() == [1, 1] and intr.tolist() == [1, 1]  # the workers ignore both
+    assert chained.tolist() == [1, 1]  # and the caller's worker_init_fn still ran
+    assert signal.getsignal(signal.SIGTERM) == before  # the main process is untouched
+    del loader
