@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+import cli
+from fileio import atomic_write_text, is_marked
+
 FILE_NAMES = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
 MASK_OF_FILE = {name: (0 if name.startswith("mask") else 1 if name == "incorrect_mask" else 2)
                 for name in FILE_NAMES}
@@ -36,6 +39,8 @@ AGE_RANGES = ((18, 29), (30, 59), (60, 70))
 EDGE_AGES = ((29, 18), (30, 59), (60, 70))
 JPEG_QUALITY = 92
 SUPERSAMPLE = 2  # draw at 2x then downsample for smooth edges
+MARKER = ".mask-toolkit-demo"  # left in the --out folder: its train/, eval/, gt/ are ours to replace
+DATA_FILES = ("train.csv", "info.csv", "gt.csv", "images")  # what makes a part look like real data
 
 SKIN_TONES = ((255, 224, 196), (241, 194, 167), (224, 172, 125), (198, 140, 96),
               (160, 105, 70), (120, 78, 50))
@@ -58,7 +63,7 @@ def class_of(mask: int, gender: int, age: int, bins: tuple[int, int] = AGE_BINS)
 def _people(rng: np.random.Generator, n: int) -> list[tuple[str, int]]:
     """(gender, age) for n people: the 6 gender-age cells as balanced as n allows, shuffled."""
     if n < 6:
-        raise ValueError(f"need at least 6 people so every gender-age cell is present, got {n}")
+        raise cli.UsageError(f"need at least 6 people so every gender-age cell is present, got {n}")
     cells = [i % 6 for i in range(n)]
     rng.shuffle(cells)
     used = [0] * 6
@@ -234,17 +239,26 @@ def generate(out_dir: str | Path, people: int = 180, size: tuple[int, int] = (96
     """Write the synthetic dataset into out_dir (train/, eval/, gt/; other contents are kept).
 
     Built in a temporary sibling directory and moved in with train/ last, so a crash never
-    leaves a train/train.csv next to a half-written set. Existing train/, eval/, gt/ are replaced.
-    size is (width, height).
+    leaves a train/train.csv next to a half-written set. Existing train/, eval/, gt/ are replaced
+    when this function made them (out_dir carries MARKER) or they hold no data files; anything
+    else, e.g. a real train/images, raises ToolkitError and nothing is touched. size is (width, height).
     """
     if people < 6:
-        raise ValueError(f"need at least 6 people so every gender-age cell is present, got {people}")
+        raise cli.UsageError(f"need at least 6 people so every gender-age cell is present, got {people}")
     if eval_people < 6:
-        raise ValueError(f"need at least 6 eval people so every gender-age cell is present, got {eval_people}")
+        raise cli.UsageError(f"need at least 6 eval people so every gender-age cell is present, got {eval_people}")
     w, h = (int(v) for v in size)
     if w < 16 or h < 16:
-        raise ValueError(f"size must be at least 16x16, got {w}x{h}")
+        raise cli.UsageError(f"size must be at least 16x16, got {w}x{h}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise cli.ToolkitError(f"--out exists and is not a folder: {out}")
+    if out.is_dir() and not is_marked(out, MARKER):
+        for part in ("gt", "eval", "train"):
+            found = [name for name in DATA_FILES if (out / part / name).exists()]
+            if found:
+                raise cli.ToolkitError(f"{out / part} holds {', '.join(found)} that demo_data.py did not write "
+                                       f"(no {MARKER} in {out}); not replacing it: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -257,6 +271,8 @@ def generate(out_dir: str | Path, people: int = 180, size: tuple[int, int] = (96
                 if target.exists():
                     os.replace(target, tmp / f"old-{part}")  # out of the way first, deleted below
                 os.replace(tmp / "data" / part, target)
+        atomic_write_text(out / MARKER, "Made by demo_data.py, which replaces train/, eval/ and gt/ here "
+                                        "when it writes to this folder again.\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -278,7 +294,7 @@ def ensure_demo_data(out_dir: str | Path, **kwargs) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="dataset root to write (train/, eval/, gt/)")
     p.add_argument("--people", type=int, default=180, help="training people (7 images each)")
@@ -288,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = generate(args.out, args.people, tuple(args.size), args.seed, args.eval_people)
     print(f"wrote {args.people * 7} train and {args.eval_people * 7} eval images to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -132,3 +132,29 @@ def test_cli(tmp_path, small):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert _tree_bytes(out) == _tree_bytes(small)
+
+
+def test_generate_never_replaces_data_it_did_not_write(tmp_path):
+    """Issue 18 item 1, same rule as holdout.py: a train/ with images (real data, no marker) is
+    refused with one line and left as it was; the tool's own earlier output is replaced."""
+    out = tmp_path / "d"
+    real = out / "train" / "images" / "000001_female_Asian_45"
+    real.mkdir(parents=True)
+    (real / "mask1.jpg").write_bytes(b"precious")
+    with pytest.raises(demo_data.cli.ToolkitError, match="did not write") as err:
+        demo_data.generate(out, **SMALL)
+    assert "\n" not in str(err.value) and str(out / "train") in str(err.value)
+    assert (real / "mask1.jpg").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == ["train"] and not list(tmp_path.glob(".*"))
+
+    res = subprocess.run([sys.executable, str(ROOT / "demo_data.py"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert (real / "mask1.jpg").read_bytes() == b"precious"
+
+    own = tmp_path / "own"
+    demo_data.generate(own, **SMALL)
+    assert (own / demo_data.MARKER).is_file()
+    first = _tree_bytes(own)
+    demo_data.generate(own, **{**SMALL, "seed": 9})  # our own output: replaced
+    assert _tree_bytes(own) != first
