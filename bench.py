@@ -1,4 +1,4 @@
-"""Input-pipeline and model throughput, side by side, in one run (issue 7).
+"""Input-pipeline and model throughput, side by side, in one run.
 
     python bench.py                                  # 512 generated 384x512 JPEGs, 224x224, ResNet18
     python bench.py --resize 128 96 --model ResNet18
@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import cli
 import dataset as data
 
 REQUIRED_KEYS = ("reference_ips", "cold_ips", "warm_ips", "cold_ratio", "warm_ratio", "train_ips", "infer_ips",
@@ -105,11 +106,11 @@ def make_images(out_dir: Path, n: int, size: tuple[int, int] = (384, 512), seed:
 def find_images(data_dir: str | os.PathLike, n: int) -> list[str]:
     root = Path(data_dir)
     if not root.is_dir():
-        raise SystemExit(f"error: --data_dir not found: {root}")
+        raise data.DataError(f"--data_dir not found: {root}")
     paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS
                    and not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file())
     if not paths:
-        raise SystemExit(f"error: no .jpg/.jpeg/.png images under {root}")
+        raise data.DataError(f"no .jpg/.jpeg/.png images under {root}")
     return paths[:n] if n > 0 else paths
 
 
@@ -350,14 +351,23 @@ def _rounded(value):
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.n < 0 or args.batch_size < 1 or min(args.resize) < 1:
-        raise SystemExit("error: --n >= 0, --batch_size >= 1 and a positive --resize are required")
+    # every flag checked before any work, one line each
+    cli.non_negative(args.n, "--n")
+    cli.positive_int(args.batch_size, "--batch_size")
+    cli.non_negative(args.warm_epochs, "--warm_epochs")  # 0 still measures one warm epoch
+    cli.non_negative(args.train_steps, "--train_steps")  # 0 still times one step
+    for size in args.resize:
+        cli.positive_int(size, "--resize")
+    for nw in args.num_workers or ():
+        cli.non_negative(nw, "--num_workers")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     workers = args.num_workers if args.num_workers is not None else [data.default_num_workers()]
-    args.num_workers = sorted({0, *(max(0, int(nw)) for nw in workers)})
-    from model import model_info
+    args.num_workers = sorted({0, *(int(nw) for nw in workers)})
+    import model as zoo
 
-    info = model_info(args.model)  # unknown names fail here, listing the known ones
+    if not args.model.startswith(zoo.TIMM_PREFIX):  # a typo: one line with the known names, before any work
+        args.model = cli.choose(args.model, zoo.MODELS, "--model")
+    info = zoo.model_info(args.model)
     load_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
@@ -390,5 +400,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def _cli() -> int:
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(_cli)

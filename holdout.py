@@ -15,42 +15,53 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 
+import cli
 import dataset as data
+from fileio import check_apart, replace_folder
+
+MARKER = ".mask-toolkit-holdout"  # only a folder carrying it is ever replaced
 
 
 def make_holdout(data_dir: str | os.PathLike, out: str | os.PathLike, val_ratio: float = 0.2, seed: int = 0,
                  age_bins=data.DEFAULT_AGE_BINS) -> Path:
+    """Write the hold-out into `out`; refuses (ToolkitError) an `out` that equals, contains or lies
+    inside the data, or an existing `out` that holdout.py did not make."""
+    cli.in_range(val_ratio, 0, 1, "--val_ratio", low_open=True, high_open=True)
+    root = data.images_root(data_dir)
+    check_apart(out, [data_dir, root])  # before reading anything: no work is wasted on a refusal
     samples = data.discover(data_dir, age_bins=age_bins, verbose=False)
+    # where the images really are (a hold-out of a hold-out links to the originals)
+    check_apart(out, sorted({Path(s.path).resolve().parent.parent for s in samples}))
     train_idx, val_idx = data.split_by_profile(samples, val_ratio, seed, age_bins)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for i in train_idx:
-        s = samples[i]
-        link = tmp / "train" / "images" / s.person / Path(s.path).name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(Path(s.path).resolve())
-    (tmp / "eval" / "images").mkdir(parents=True)
-    (tmp / "gt").mkdir()
-    rows = []
-    for i in val_idx:
-        s = samples[i]
-        # Opaque, stable names like the competition's, so nothing leaks through the file name.
-        image_id = hashlib.sha1(f"{seed}:{s.path}".encode()).hexdigest() + Path(s.path).suffix.lower()
-        (tmp / "eval" / "images" / image_id).symlink_to(Path(s.path).resolve())
-        rows.append((image_id, s.label18(age_bins)))
-    rows.sort()  # order unrelated to people
-    gt = pd.DataFrame(rows, columns=["ImageID", "ans"])
-    gt.to_csv(tmp / "gt" / "gt.csv", index=False)
-    gt.assign(ans=0).to_csv(tmp / "eval" / "info.csv", index=False)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    if not val_idx:
+        people = len({s.person for s in samples})
+        raise data.DataError(f"--val_ratio {val_ratio} puts none of the {people} people in the hold-out; raise it")
+
+    def build(tmp: Path) -> None:
+        for i in train_idx:
+            s = samples[i]
+            link = tmp / "train" / "images" / s.person / Path(s.path).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(s.path).resolve())
+        (tmp / "eval" / "images").mkdir(parents=True)
+        (tmp / "gt").mkdir()
+        rows = []
+        for i in val_idx:
+            s = samples[i]
+            # Opaque, stable names like the competition's, so nothing leaks through the file name.
+            image_id = hashlib.sha1(f"{seed}:{s.path}".encode()).hexdigest() + Path(s.path).suffix.lower()
+            (tmp / "eval" / "images" / image_id).symlink_to(Path(s.path).resolve())
+            rows.append((image_id, s.label18(age_bins)))
+        rows.sort()  # order unrelated to people
+        gt = pd.DataFrame(rows, columns=["ImageID", "ans"])
+        gt.to_csv(tmp / "gt" / "gt.csv", index=False)
+        gt.assign(ans=0).to_csv(tmp / "eval" / "info.csv", index=False)
+
+    out = replace_folder(out, build, marker=MARKER, tool="holdout.py")
     people = len({samples[i].person for i in val_idx})
     print(f"hold-out: {len(train_idx)} training images, {len(val_idx)} evaluation images ({people} people) in {out}")
     return out
@@ -59,8 +70,10 @@ def make_holdout(data_dir: str | os.PathLike, out: str | os.PathLike, val_ratio:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="training set (train/ or train/images)")
-    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
-    p.add_argument("--val_ratio", type=float, default=0.2)
+    p.add_argument("--out", required=True,
+                   help=f"output folder, outside the data; an existing one is replaced only if holdout.py "
+                        f"made it (it holds {MARKER})")
+    p.add_argument("--val_ratio", type=float, default=0.2, help="share of people in the hold-out, in (0, 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--age_bins", nargs=2, type=int, default=list(data.DEFAULT_AGE_BINS), help="bins of gt.csv labels")
     args = p.parse_args(argv)
@@ -69,8 +82,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

@@ -147,3 +147,21 @@ def test_hflip_is_a_mirror():
     aug = data.Augmentation("t", hflip=1.0)
     out = aug.cpu_transform(img, np.random.default_rng(0))
     assert np.array_equal(out, img[:, ::-1]) and out.flags["C_CONTIGUOUS"]
+
+
+def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys):
+    """Typos and impossible numbers: `error: ...` and exit 2 via cli, with a did-you-mean; no
+    traceback after images were generated (issue 18 item 2); no issue number in --help (item 6)."""
+    import cli
+
+    cases = {("--model", "resnet18"): "unknown --model 'resnet18'; known: ", ("--batch_size", "0"): "--batch_size must",
+             ("--n", "-1"): "--n must be >= 0", ("--data_dir", str(tmp_path / "nope")): "--data_dir not found"}
+    for argv, fragment in cases.items():
+        code = cli.call(lambda: bench.main([*argv, "--num_workers", "0"]))
+        captured = capsys.readouterr()
+        assert code == 2, argv
+        assert captured.err.startswith(f"error: {fragment}") and captured.err.count("\n") == 1, captured.err
+        assert "generating" not in captured.err
+    cli.call(lambda: bench.main(["--model", "resnet18"]))
+    assert "(did you mean 'ResNet18'?)" in capsys.readouterr().err
+    assert "issue" not in bench.build_parser().format_help().lower()
