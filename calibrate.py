@@ -10,18 +10,27 @@ in the checkpoints as `class_offsets`, and applied by inference.py.
     python calibrate.py --runs model/fold0 model/fold1 model/fold2 --write
 
 With several runs (K folds) it also reports a cross-validated estimate: offsets fitted on
-the other folds, scored on the held-out one, so the gain it prints is not self-graded.
+the other folds, scored on the held-out one, so the gain it prints is not self-graded. It does so
+only when the runs' validation people (val_samples.csv) are disjoint.
+
+Models with a `years` age head (--age_head years) predict a survival curve P(age >= t); the cut
+points that turn it into the three age groups are fitted here too (`age_cuts` in the checkpoint),
+before the offsets: the "train with 58" trick as a fitted threshold, not another model.
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import csv
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from checkpoint import CheckpointError, atomic_save, load_checkpoint, resolve_state_path
+import cli
+from checkpoint import CheckpointError, load_checkpoint, resolve_state_path, set_decision
 from metrics import macro_f1
+from task import AGE_THRESHOLDS, Task, decide, log_probs, task_of
 
 GRID = np.linspace(-3.0, 3.0, 61)
 
@@ -36,14 +45,10 @@ def fast_macro_f1(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> flo
     return float(np.mean(2 * tp[present] / (support + predicted)[present]))
 
 
-def apply_offsets(probs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    return (np.log(np.clip(probs, 1e-12, None)) + offsets).argmax(1)
-
-
 def fit_offsets(probs: np.ndarray, labels: np.ndarray, rounds: int = 3, grid: np.ndarray = GRID) -> np.ndarray:
     """Coordinate ascent: for each class in turn, the offset on `grid` that maximises macro F1
     with the others held fixed; a few rounds. Ties keep the offset nearest 0 (least change)."""
-    log_p = np.log(np.clip(probs, 1e-12, None))
+    log_p = log_probs(probs)
     n = probs.shape[1]
     offsets = np.zeros(n)
     best = fast_macro_f1(labels, log_p.argmax(1), n)
@@ -69,7 +74,7 @@ def fit_prior_offsets(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray = 
     With 18 classes and a few validation images of the rare ones, fitting one number
     overfits far less than fitting 18."""
     n = probs.shape[1]
-    log_p = np.log(np.clip(probs, 1e-12, None))
+    log_p = log_probs(probs)
     log_freq = np.log((np.bincount(labels, minlength=n) + 1.0) / (len(labels) + n))  # add-one: no log(0)
     scores = [fast_macro_f1(labels, (log_p - alpha * log_freq).argmax(1), n) for alpha in grid]
     return -grid[int(np.argmax(scores))] * log_freq
@@ -78,60 +83,146 @@ def fit_prior_offsets(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray = 
 FITTERS = {"coordinate": fit_offsets, "prior": fit_prior_offsets}
 
 
-def load_oof(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+# Candidate cut points of a `years` age head: around the competition's 30 and 60.
+AGE_CUT_GRID = (tuple(range(26, 35)), tuple(range(52, 65)))
+
+
+@dataclass
+class OutOfFold:
+    """One run's validation predictions: probabilities at its trained cut points, labels, and for a
+    years age head the logits from which probabilities at other cut points are recomputed."""
+
+    run: Path
+    probs: np.ndarray
+    labels: np.ndarray
+    people: set[str]
+    task: Task | None = None
+    logits: np.ndarray | None = None
+    age_bins: tuple[int, int] = (30, 60)
+
+    def probs_at(self, cuts) -> np.ndarray:
+        if cuts is None or self.logits is None:
+            return self.probs
+        import torch
+
+        return self.task.probs(torch.from_numpy(self.logits), cuts).numpy()
+
+
+def load_oof(run_dir: Path, state: str = "best_f1") -> OutOfFold:
     probs_path, labels_path = run_dir / "val_probs.npy", run_dir / "val_labels.npy"
     if not probs_path.is_file() or not labels_path.is_file():
         raise CheckpointError(f"no validation probabilities (val_probs.npy, val_labels.npy) in {run_dir}; "
                               "train with a validation split first")
-    return np.load(probs_path), np.load(labels_path)
+    people: set[str] = set()
+    samples = run_dir / "val_samples.csv"
+    if samples.is_file():
+        with samples.open(newline="") as f:
+            people = {row["person"] for row in csv.DictReader(f)}
+    oof = OutOfFold(run_dir, np.load(probs_path), np.load(labels_path), people)
+    logits = run_dir / "val_logits.npy"
+    try:
+        ckpt = load_checkpoint(resolve_state_path(run_dir, state))
+    except CheckpointError:
+        ckpt = None  # offsets need only the probabilities
+    if ckpt is not None and task_of(ckpt).age_head == "years" and logits.is_file():
+        oof.task, oof.logits, oof.age_bins = task_of(ckpt), np.load(logits), tuple(ckpt["age_bins"])
+    return oof
+
+
+@dataclass
+class Rule:
+    """A decision rule: age cut points for years heads (None: as trained) and per-class log offsets."""
+
+    cuts: tuple[int, int] | None
+    offsets: np.ndarray
+
+
+def fit_age_cuts(oofs: list[OutOfFold]) -> tuple[int, int] | None:
+    """Cut points at which a years head's arg-max scores the best macro F1 (None without such a head)."""
+    if not oofs or any(o.logits is None for o in oofs):
+        return None
+    labels = np.concatenate([o.labels for o in oofs])
+    a0, b0 = oofs[0].age_bins
+    candidates = sorted((c for c in itertools.product(*AGE_CUT_GRID) if set(c) <= set(AGE_THRESHOLDS)),
+                        key=lambda c: abs(c[0] - a0) + abs(c[1] - b0))  # ties keep the cuts nearest the labels'
+    best, best_cuts = -1.0, None
+    for cuts in candidates:
+        score = fast_macro_f1(labels, np.concatenate([o.probs_at(cuts) for o in oofs]).argmax(1), oofs[0].probs.shape[1])
+        if score > best + 1e-9:
+            best, best_cuts = score, cuts
+    return best_cuts
+
+
+def fit_rule(oofs: list[OutOfFold], method: str, fit_cuts: bool = True) -> Rule:
+    cuts = fit_age_cuts(oofs) if fit_cuts else None
+    probs = np.concatenate([o.probs_at(cuts) for o in oofs])
+    labels = np.concatenate([o.labels for o in oofs])
+    return Rule(cuts, FITTERS[method](probs, labels))
+
+
+def score_rule(oofs: list[OutOfFold], rule: Rule | None) -> float:
+    labels = np.concatenate([o.labels for o in oofs])
+    if rule is None:
+        return macro_f1(labels, np.concatenate([o.probs for o in oofs]).argmax(1))
+    return macro_f1(labels, decide(np.concatenate([o.probs_at(rule.cuts) for o in oofs]), rule.offsets))
+
+
+def overlapping_people(oofs: list[OutOfFold]) -> set[str]:
+    """People who are in the validation split of more than one run."""
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for o in oofs:
+        shared |= seen & o.people
+        seen |= o.people
+    return shared
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="run folders (e.g. the K folds of one recipe)")
-    p.add_argument("--state", default="best_f1", help="checkpoint to write the offsets into (default best_f1)")
-    p.add_argument("--write", action="store_true", help="store the offsets in each run's checkpoint")
+    p.add_argument("--state", default="best_f1", help="checkpoint to write the rule into (default best_f1)")
+    p.add_argument("--write", action="store_true", help="store the rule in each run's checkpoint")
     p.add_argument("--method", choices=sorted(FITTERS), default="prior",
                    help="coordinate: one offset per class (coordinate ascent); prior: -alpha * log(class frequency)")
+    p.add_argument("--age_cuts", choices=["fit", "keep"], default="fit",
+                   help="models with a years age head: fit the cut points for macro F1 (fit) or keep the trained ones")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
-    oof = [load_oof(r) for r in runs]
-    probs = np.concatenate([o[0] for o in oof])
-    labels = np.concatenate([o[1] for o in oof])
-    if len({o[0].shape[1] for o in oof}) != 1:
+    if args.write:
+        for run in runs:
+            resolve_state_path(run, args.state)  # a bad --state or a missing checkpoint fails before any work
+    oofs = [load_oof(r, args.state) for r in runs]
+    if len({o.probs.shape[1] for o in oofs}) != 1:
         raise CheckpointError("runs have different numbers of classes: " + ", ".join(str(r) for r in runs))
-    before = macro_f1(labels, probs.argmax(1))
-    fit = FITTERS[args.method]
-    offsets = fit(probs, labels)
-    after = macro_f1(labels, apply_offsets(probs, offsets))
-    print(f"{len(labels)} out-of-fold predictions from {len(runs)} run(s)")
-    print(f"macro F1 arg-max {before:.4f} -> with offsets {after:.4f} (fitted and scored on the same predictions)")
-    if len(runs) > 1:
+    rule = fit_rule(oofs, args.method, args.age_cuts == "fit")
+    n = sum(len(o.labels) for o in oofs)
+    print(f"{n} out-of-fold predictions from {len(runs)} run(s)")
+    print(f"macro F1 arg-max {score_rule(oofs, None):.4f} -> with the fitted rule {score_rule(oofs, rule):.4f} "
+          "(fitted and scored on the same predictions)")
+    shared = overlapping_people(oofs)
+    if len(runs) > 1 and shared:
+        print(f"no cross-validated estimate: the runs validated on {len(shared)} of the same people "
+              f"(e.g. {cli.examples(sorted(shared))}); train folds of one --kfold split to get one")
+    elif len(runs) > 1 and not all(o.people for o in oofs):
+        print("no cross-validated estimate: some runs do not record their validation people (val_samples.csv)")
+    elif len(runs) > 1:
         held = []
-        for i, (fold_probs, fold_labels) in enumerate(oof):
-            rest_p = np.concatenate([o[0] for j, o in enumerate(oof) if j != i])
-            rest_l = np.concatenate([o[1] for j, o in enumerate(oof) if j != i])
-            fold_offsets = fit(rest_p, rest_l)
-            held.append((macro_f1(fold_labels, fold_probs.argmax(1)),
-                         macro_f1(fold_labels, apply_offsets(fold_probs, fold_offsets))))
+        for i, fold in enumerate(oofs):
+            fold_rule = fit_rule([o for j, o in enumerate(oofs) if j != i], args.method, args.age_cuts == "fit")
+            held.append((score_rule([fold], None), score_rule([fold], fold_rule)))
         plain, tuned = np.mean(held, axis=0)
-        print(f"cross-validated (fit on the other runs, score on each): arg-max {plain:.4f} -> offsets {tuned:.4f}")
-    print("offsets: " + " ".join(f"{c}:{v:+.1f}" for c, v in enumerate(offsets)))
+        print(f"cross-validated (fit on the other runs, score on each): arg-max {plain:.4f} -> rule {tuned:.4f}")
+    if rule.cuts is not None:
+        print(f"age cut points: {rule.cuts[0]} {rule.cuts[1]} (labels keep their own age bins)")
+    print("offsets: " + " ".join(f"{c}:{v:+.1f}" for c, v in enumerate(rule.offsets)))
     if args.write:
         for run in runs:
             path = resolve_state_path(run, args.state)
-            ckpt = load_checkpoint(path)
-            if len(ckpt["classes"]) != len(offsets) and not ckpt["model"].get("multihead"):
-                raise CheckpointError(f"{path} has {len(ckpt['classes'])} classes, offsets have {len(offsets)}")
-            ckpt["class_offsets"] = offsets.tolist()
-            atomic_save(ckpt, path)
-            print(f"wrote class_offsets into {path}")
+            set_decision(path, rule.offsets.tolist(), rule.cuts if task_of(load_checkpoint(path)).age_head == "years"
+                         else None)
+            print(f"wrote the decision rule into {path}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

@@ -1,66 +1,169 @@
-"""Self-describing checkpoints: the weights plus everything inference needs (model,
-task, classes, age bins, image size, crop, normalisation, decision offsets), saved
-atomically and loadable with `torch.load(weights_only=True)`."""
+"""The checkpoint format, in one place: self-describing files (the weights plus everything
+inference needs: model, task, classes, age bins, image size, crop, normalisation, decision rule),
+written atomically and loadable with `torch.load(weights_only=True)`.
+
+Format `mask-toolkit/1` (a dict):
+    format, model {name, num_classes, multihead, heads, options}, task, task_options {age_head},
+    classes, age_bins, preprocess {resize, crop, mean, std}, class_offsets, age_cuts,
+    args (the run's config: what was asked), resolved (what the run derived from it),
+    state_dict, epoch (0-based index of the last completed epoch), metrics;
+    last.pth adds what --resume needs (state_dict_train, optimizer, scheduler, scaler, ema, rng,
+    best, tracking).
+`build_metadata` makes the descriptive part, `CheckpointSaver` writes every file of a run,
+`load_checkpoint` reads and checks one, `set_decision` updates the decision rule in place.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from cli import ToolkitError
+from fileio import atomic_write
+from task import Task, task_of
+
+FORMAT = "mask-toolkit/1"
 STATE_FILES = ("best.pth", "best_f1.pth", "last.pth")
+RESUME_KEYS = ("state_dict_train", "optimizer", "scheduler", "scaler", "ema", "rng", "best", "tracking")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ToolkitError, ValueError):
     """A missing, unreadable or unsuitable checkpoint; the message names the file."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save through the project's atomic write: a crash never leaves a half-written file."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def build_metadata(model_name: str, model_options: dict, task: Task, age_bins: Sequence[int],
+                   preprocess: dict, args: dict, resolved: dict, age_cuts: Sequence[int] | None = None) -> dict:
+    """Everything about a run that inference needs, without weights."""
+    return {
+        "format": FORMAT,
+        "model": {"name": model_name, "num_classes": task.num_classes, "multihead": task.multihead,
+                  "heads": list(task.head_sizes) if task.head_sizes else None, "options": dict(model_options)},
+        "task": task.name, "task_options": task.to_dict(),
+        "classes": task.class_names(age_bins), "age_bins": list(age_bins),
+        "preprocess": {"resize": list(preprocess["resize"]),
+                       "crop": list(preprocess["crop"]) if preprocess.get("crop") else None,
+                       "mean": list(preprocess["mean"]), "std": list(preprocess["std"])},
+        "class_offsets": None,
+        "age_cuts": list(age_cuts) if age_cuts is not None and task.age_head == "years" else None,
+        "args": args, "resolved": resolved,
+    }
+
+
+class CheckpointSaver:
+    """The one writer of a run's checkpoints (best.pth, best_f1.pth, last.pth)."""
+
+    def __init__(self, run_dir: str | os.PathLike, metadata: dict) -> None:
+        self.run_dir = Path(run_dir)
+        self.metadata = metadata
+
+    def save(self, filename: str, state_dict: dict, epoch: int, metrics: dict, resume: dict | None = None) -> Path:
+        """`resume`: the extra state (RESUME_KEYS) that lets --resume continue exactly."""
+        if filename not in STATE_FILES:
+            raise ValueError(f"unknown checkpoint name {filename!r}; known: {', '.join(STATE_FILES)}")
+        ckpt = dict(self.metadata, state_dict=state_dict, epoch=epoch, metrics=dict(metrics))
+        if resume is not None:
+            missing = set(RESUME_KEYS) - set(resume)
+            if missing:
+                raise ValueError(f"resume state lacks {sorted(missing)}")
+            ckpt.update(resume)
+        path = self.run_dir / filename
+        atomic_save(ckpt, path)
+        return path
 
 
 def resolve_state_path(model_dir: str | os.PathLike, state: str = "best_f1.pth") -> Path:
     """`model_dir` may be a run folder or a .pth file; `state` accepts best|best_f1|last with or without .pth."""
     path = Path(model_dir)
+    check_state_name(state)
     if path.is_file():
         return path
-    name = state if state.endswith(".pth") else f"{state}.pth"
-    if name not in STATE_FILES:
-        raise CheckpointError(f"unknown --state {state!r}; choose one of {', '.join(STATE_FILES)}")
     if not path.is_dir():
         raise CheckpointError(f"model directory not found: {path}")
-    file = path / name
+    file = path / state_file(state)
     if not file.is_file():
         have = ", ".join(p.name for p in sorted(path.glob("*.pth"))) or "none"
         raise CheckpointError(f"checkpoint not found: {file} (present: {have})")
     return file
 
 
+def state_file(state: str) -> str:
+    return state if state.endswith(".pth") else f"{state}.pth"
+
+
+def check_state_name(state: str) -> str:
+    """Validate a --state value before any work; returns the file name."""
+    import difflib
+
+    name = state_file(state)
+    if name not in STATE_FILES:
+        near = difflib.get_close_matches(name, STATE_FILES, n=1)
+        hint = f" (did you mean {near[0].removesuffix('.pth')!r}?)" if near else ""
+        raise CheckpointError(f"unknown --state {state!r}; choose one of best, best_f1, last{hint}")
+    return name
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by train.py and check its format; errors say what is wrong."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}): "
                               f"{path}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"not a checkpoint written by train.py: {path}")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        kind = "a bare state_dict" if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor)
+                                                                     for v in ckpt.values()) else type(ckpt).__name__
+        raise CheckpointError(f"not a checkpoint written by train.py ({kind}, no model description): {path}")
+    version = ckpt.get("format")
+    if version is None:
+        raise CheckpointError(f"checkpoint has no format version (written by an older or foreign tool; "
+                              f"this toolkit reads {FORMAT}): {path}")
+    if version != FORMAT:
+        raise CheckpointError(f"checkpoint format {version!r} is not {FORMAT!r} (another tool or version): {path}")
+    missing = [k for k in ("model", "task", "classes", "preprocess") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {', '.join(missing)}: {path}")
+    try:
+        task_of(ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"{e}: {path}") from None
     return ckpt
+
+
+def load_resumable(path: str | os.PathLike) -> dict:
+    ckpt = load_checkpoint(path)
+    if "optimizer" not in ckpt:
+        raise CheckpointError(f"--resume needs a last.pth (with optimizer state): {path}")
+    return ckpt
+
+
+def set_decision(path: str | os.PathLike, class_offsets: Sequence[float] | None = None,
+                 age_cuts: Sequence[int] | None = None) -> dict:
+    """Store a decision rule (per-class log offsets and/or fitted age cut points) in a checkpoint."""
+    ckpt = load_checkpoint(path)
+    task = task_of(ckpt)
+    if class_offsets is not None:
+        if len(class_offsets) != task.num_classes:
+            raise CheckpointError(f"{path} has {task.num_classes} classes, offsets have {len(class_offsets)}")
+        ckpt["class_offsets"] = [float(v) for v in class_offsets]
+    if age_cuts is not None:
+        if task.age_head != "years":
+            raise CheckpointError(f"age cut points need a model with a years age head: {path}")
+        ckpt["age_cuts"] = [int(c) for c in age_cuts]
+    atomic_save(ckpt, path)
+    return ckpt
+
+
+def decision_age_cuts(ckpt: dict) -> list[int]:
+    """The cut points a years age head predicts with: fitted ones, else the labels' age bins."""
+    return list(ckpt.get("age_cuts") or ckpt["age_bins"])
 
 
 def build_model(ckpt: dict) -> nn.Module:
@@ -68,7 +171,7 @@ def build_model(ckpt: dict) -> nn.Module:
     from model import create_model
 
     spec = ckpt["model"]
-    model = create_model(spec["name"], spec["num_classes"], pretrained=False,
-                         multihead=spec.get("multihead", False), **spec.get("options", {}))
+    heads = tuple(spec["heads"]) if spec.get("heads") else spec.get("multihead", False)
+    model = create_model(spec["name"], spec["num_classes"], pretrained=False, multihead=heads, **spec.get("options", {}))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()

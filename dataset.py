@@ -727,15 +727,17 @@ class MaskDataset(Dataset):
     """Training/validation images -> (uint8 CHW tensor, target). `train` enables the
     augmentation's per-sample random ops; validation is never augmented."""
 
-    def __init__(self, samples: Sequence[Sample], store: ImageStore, indices: Sequence[int], task: str = "all",
+    def __init__(self, samples: Sequence[Sample], store: ImageStore, indices: Sequence[int], task: "str | Task" = "all",
                  age_bins: Sequence[int] = DEFAULT_AGE_BINS, augmentation: Augmentation | None = None,
                  train: bool = False, seed: int = 0):
-        if task not in TASK_CLASSES:
-            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_CLASSES)}")
+        from task import Task, get_task
+
+        task = task if isinstance(task, Task) else get_task(task)  # the task says what a target is
         self.samples, self.store, self.indices = samples, store, list(indices)
         self.task, self.age_bins = task, tuple(age_bins)
         self.augmentation = augmentation if train else None
-        self.targets = [samples[i].target(task, self.age_bins) for i in self.indices]
+        self.targets = [task.target(samples[i].mask, samples[i].gender, samples[i].age, self.age_bins)
+                        for i in self.indices]
         self.seed = seed
         # Shared with the (persistent) workers so set_epoch reaches them: each sample's
         # random ops depend on (seed, epoch, index) only, whatever worker draws it, which

@@ -18,11 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+import cli
 import dataset as data
-from checkpoint import CheckpointError, atomic_write_text, build_model, load_checkpoint, resolve_state_path
+from checkpoint import (CheckpointError, build_model, check_state_name, decision_age_cuts, load_checkpoint,
+                        resolve_state_path)
+from fileio import atomic_write_text
+from task import NUM_CLASSES, decide, task_of
 
 
-class InferenceError(ValueError):
+class InferenceError(cli.ToolkitError, ValueError):
     """Bad input to inference; one line naming the file."""
 
 
@@ -49,21 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def predict_probs(ckpt: dict, paths: list[str], batch_size: int = 256, num_workers: int = 0, tta: str = "none",
                   device: torch.device | None = None, cache_dir: str | None = None, progress: bool = True) -> np.ndarray:
     """Class probabilities [N, classes] for images, preprocessed exactly as in training
     (uint8 pipeline, normalised on the device), in eval mode under inference_mode."""
-    from model import logits_to_probs
-
     device = device or torch.device("cpu")
     cuda = device.type == "cuda"
     pre = ckpt["preprocess"]
+    task, age_cuts = task_of(ckpt), decision_age_cuts(ckpt)
     # channels_last measured faster for inference on CPU too (bench.py: ResNet18 224, 18.5 vs 13.8 img/s).
     model = build_model(ckpt).to(device).eval().to(memory_format=torch.channels_last)
     transform = data.BatchTransform(pre["mean"], pre["std"], channels_last=True)
@@ -72,25 +69,17 @@ def predict_probs(ckpt: dict, paths: list[str], batch_size: int = 256, num_worke
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
         loader = tqdm(loader, desc=f"predict {ckpt['model']['name']}", leave=False)
-    multihead = ckpt["model"].get("multihead", False)
     out = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         for images, _ in loader:
             x = transform(images.to(device, non_blocking=True))
-            probs = logits_to_probs(model(x).float(), multihead)
+            probs = task.probs(model(x).float(), age_cuts)
             if tta == "hflip":
-                probs = (probs + logits_to_probs(model(torch.flip(x, dims=[3])).float(), multihead)) / 2
+                probs = (probs + task.probs(model(torch.flip(x, dims=[3])).float(), age_cuts)) / 2
             out.append(probs.cpu())
     if cache_dir:
         store.finalize()
     return torch.cat(out).numpy()
-
-
-def decide(probs: np.ndarray, offsets=None) -> np.ndarray:
-    """Arg-max, optionally after adding per-class log-prior offsets (a decision rule tuned for macro F1)."""
-    if offsets is None:
-        return probs.argmax(1)
-    return (np.log(np.clip(probs, 1e-12, None)) + np.asarray(offsets, dtype=np.float64)).argmax(1)
 
 
 def ensemble_offsets(ckpts: list[dict], weights: np.ndarray) -> np.ndarray | None:
@@ -137,68 +126,89 @@ def class_count_summary(pred: np.ndarray, num_classes: int) -> str:
     return "predicted per class: " + " ".join(f"{c}:{n}" for c, n in enumerate(counts))
 
 
+def soft_vote(model_dirs: list[str], state: str, paths: list[str], weights: list[float] | None = None,
+              offsets: str = "auto", verbose: bool = True, **run
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[dict]]:
+    """Weighted mean of several models' probabilities (one model: its own) and the decided
+    classes, with the checkpoints' decision offsets unless `offsets` is "none".
+    Returns (probabilities, classes, the offsets used or None, checkpoints);
+    `task.apply_offsets(probs, offsets)` gives probabilities whose arg-max is the class."""
+    if weights and len(weights) != len(model_dirs):
+        raise InferenceError(f"--weights has {len(weights)} values for {len(model_dirs)} --model_dir")
+    w = np.array(weights or [1.0] * len(model_dirs), dtype=np.float64)
+    loaded = [load_for_task(d, state) for d in model_dirs]
+    tasks = {task_of(c).num_classes if task_of(c).predicts_18 else task_of(c).name for c, _ in loaded}
+    if len(tasks) > 1:
+        raise InferenceError("cannot soft-vote models of different tasks: "
+                             + ", ".join(f"{p} ({c['task']})" for c, p in loaded))
+    total = None
+    for (ckpt, path), weight in zip(loaded, w):
+        if verbose:
+            print(f"model {path}: {ckpt['model']['name']} task {ckpt['task']} input {ckpt['preprocess']['resize']}")
+        probs = predict_probs(ckpt, paths, **run)
+        total = probs * weight if total is None else total + probs * weight
+    probs = total / w.sum()
+    rule = ensemble_offsets([c for c, _ in loaded], w) if offsets == "auto" else None
+    if rule is not None and verbose:
+        print("applying the checkpoints' per-class decision offsets (--offsets none to disable)")
+    return probs, decide(probs, rule), rule, [c for c, _ in loaded]
+
+
+def mask_genderage_pair(mask_dir: str, genderage_dir: str, state: str, paths: list[str], verbose: bool = True,
+                        **run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A mask model (3 classes) and a gender-age model (6) -> (p_mask, p_genderage, p_18)."""
+    mask_ckpt, mask_path = load_for_task(mask_dir, state, "mask")
+    ga_ckpt, ga_path = load_for_task(genderage_dir, state, "genderage")
+    if mask_ckpt["age_bins"] != ga_ckpt["age_bins"] and verbose:
+        print(f"warning: age bins differ ({mask_ckpt['age_bins']} vs {ga_ckpt['age_bins']}); using the gender-age model's")
+    if verbose:
+        print(f"mask model {mask_path}, gender-age model {ga_path}")
+    p_mask = predict_probs(mask_ckpt, paths, **run)
+    p_ga = predict_probs(ga_ckpt, paths, **run)
+    # p(class = m*6 + g) = p_mask(m) * p_ga(g): combine probabilities, not arg-max labels.
+    return p_mask, p_ga, (p_mask[:, :, None] * p_ga[:, None, :]).reshape(len(paths), NUM_CLASSES)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from model import resolve_device
+
     args = build_parser().parse_args(argv)
+    check_state_name(args.state)  # before any image is read
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
+    if args.isEnsemble and not (args.mask_model_dir and args.genderage_model_dir):
+        raise InferenceError("--isEnsemble True needs --mask_model_dir and --genderage_model_dir")
+    if not args.isEnsemble and not args.model_dir:
+        raise InferenceError("no model: pass --model_dir or set SM_CHANNEL_MODEL")
     if not args.data_dir:
         raise InferenceError("no evaluation data: pass --data_dir or set SM_CHANNEL_EVAL")
-    device = resolve_device(args.device)
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InferenceError(f"--output_dir exists and is not a folder: {out_dir}")
     info, paths = data.read_eval_info(args.data_dir)
     for p in paths:
         reason = data.check_image(p)
         if reason:
             raise InferenceError(f"{reason}: {p}")
-    out_dir = Path(args.output_dir)
     run = dict(batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta, device=device,
                cache_dir=args.cache_dir)
     print(f"{len(paths)} images from {args.data_dir}, device {device}, tta {args.tta}")
 
     if args.isEnsemble:
-        if not (args.mask_model_dir and args.genderage_model_dir):
-            raise InferenceError("--isEnsemble True needs --mask_model_dir and --genderage_model_dir")
-        mask_ckpt, mask_path = load_for_task(args.mask_model_dir, args.state, "mask")
-        ga_ckpt, ga_path = load_for_task(args.genderage_model_dir, args.state, "genderage")
-        if mask_ckpt["age_bins"] != ga_ckpt["age_bins"]:
-            print(f"warning: age bins differ ({mask_ckpt['age_bins']} vs {ga_ckpt['age_bins']}); using the gender-age model's")
-        print(f"mask model {mask_path}, gender-age model {ga_path}")
-        p_mask = predict_probs(mask_ckpt, paths, **run)
-        p_ga = predict_probs(ga_ckpt, paths, **run)
+        p_mask, p_ga, probs = mask_genderage_pair(args.mask_model_dir, args.genderage_model_dir, args.state, paths, **run)
         write_outputs(info, p_mask, p_mask.argmax(1), out_dir, "output_mask")
         write_outputs(info, p_ga, p_ga.argmax(1), out_dir, "output_genderAge")
-        # p(class = m*6 + g) = p_mask(m) * p_ga(g): combine probabilities, not arg-max labels.
-        probs = (p_mask[:, :, None] * p_ga[:, None, :]).reshape(len(paths), 18)
         pred = probs.argmax(1)
         write_outputs(info, probs, pred, out_dir, "output_ensemble")
-        written = write_outputs(info, probs, pred, out_dir, "output")
     else:
-        if not args.model_dir:
-            raise InferenceError("no model: pass --model_dir or set SM_CHANNEL_MODEL")
-        if args.weights and len(args.weights) != len(args.model_dir):
-            raise InferenceError(f"--weights has {len(args.weights)} values for {len(args.model_dir)} --model_dir")
-        weights = np.array(args.weights or [1.0] * len(args.model_dir), dtype=np.float64)
-        loaded = [load_for_task(d, args.state) for d in args.model_dir]
-        tasks = {("18" if c["task"] in ("all", "multi") else c["task"]) for c, _ in loaded}
-        if len(tasks) > 1:
-            raise InferenceError("cannot soft-vote models of different tasks: "
-                                 + ", ".join(f"{p} ({c['task']})" for c, p in loaded))
-        total = None
-        for (ckpt, path), w in zip(loaded, weights):
-            print(f"model {path}: {ckpt['model']['name']} task {ckpt['task']} input {ckpt['preprocess']['resize']}")
-            probs = predict_probs(ckpt, paths, **run)
-            total = probs * w if total is None else total + probs * w
-        probs = total / weights.sum()
-        offsets = ensemble_offsets([c for c, _ in loaded], weights) if args.offsets == "auto" else None
-        if offsets is not None:
-            print("applying the checkpoints' per-class decision offsets (--offsets none to disable)")
-        pred = decide(probs, offsets)
-        written = write_outputs(info, probs, pred, out_dir, "output")
+        probs, pred, _, _ = soft_vote(args.model_dir, args.state, paths, args.weights, args.offsets, **run)
+    written = write_outputs(info, probs, pred, out_dir, "output")
     print(class_count_summary(pred, probs.shape[1]))
     print(f"wrote {written} and {written.with_name(written.stem + '_probs.csv')}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (InferenceError, CheckpointError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

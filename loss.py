@@ -4,7 +4,8 @@ Public API (used by train.py):
 
 - ``CRITERIA``: registry ``name -> builder(num_classes, weight, **options)`` filled by ``@register_criterion``.
 - ``create_criterion(name, num_classes, task="all", class_weights=None, **options)``; for task "multi"
-  a ``MultiHeadCriterion`` over the three heads (mask 3, gender 2, age 3).
+  a ``MultiHeadCriterion`` over the three heads (mask 3, gender 2, age 3), or with ``age_head="years"``
+  an ``AgeYearsLoss`` on the age head (cumulative targets age >= t from the raw age).
 - ``class_weights_from_labels(labels, num_classes)``: inverse-frequency weights (``--class_weights auto``).
 - ``compute_loss(criterion, output, target)``: handles Inception's ``(logits, aux_logits)``.
 - ``mixed_loss(criterion, output, target_a, target_b, lam)``: mixup / cutmix.
@@ -20,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import HEAD_SIZES  # multi-head layout [mask 3 | gender 2 | age 3]
+from task import AGE_THRESHOLDS, HEAD_SIZES  # multi-head layout [mask 3 | gender 2 | age 3 or years]
 
 INCEPTION_AUX_WEIGHT = 0.4
 
 CRITERIA: dict[str, Callable[..., nn.Module]] = {}
 # Options understood by some criterion. An option meant for another criterion is ignored (train.py may
 # pass e.g. gamma and smoothing whatever the criterion); an option nobody knows is a TypeError (a typo).
-KNOWN_OPTIONS = {"gamma", "smoothing", "eps", "head_weights"}
+KNOWN_OPTIONS = {"gamma", "smoothing", "eps", "head_weights", "age_head"}
 
 
 def register_criterion(name: str) -> Callable:
@@ -140,22 +141,37 @@ def _f1(num_classes: int, weight: torch.Tensor | None = None, eps: float = 1e-7,
     return SoftF1Loss(num_classes, weight, eps)
 
 
-class MultiHeadCriterion(nn.Module):
-    """Weighted sum of per-head criteria on [N, 8] logits split as (3, 2, 3) and [N, 3] targets
-    (mask, gender, age)."""
+class AgeYearsLoss(nn.Module):
+    """Ordinal age loss (extended binary classification, as in OR-CNN): one binary cross-entropy per
+    threshold t of AGE_THRESHOLDS on the target "age >= t", averaged; the targets are ages in years."""
 
-    def __init__(self, criteria: Sequence[nn.Module], head_weights: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+    def __init__(self, thresholds: Sequence[int] = AGE_THRESHOLDS) -> None:
         super().__init__()
-        if len(criteria) != len(HEAD_SIZES) or len(head_weights) != len(HEAD_SIZES):
-            raise ValueError(f"need {len(HEAD_SIZES)} criteria and head weights")
+        self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32), persistent=False)
+
+    def forward(self, logits: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        target = (age.to(logits.dtype)[:, None] >= self.thresholds.to(logits.device)[None, :]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+
+class MultiHeadCriterion(nn.Module):
+    """Weighted sum of per-head criteria on logits split as ``sizes`` ((3, 2, 3), or (3, 2, years))
+    and [N, 3] targets (mask, gender, age group or age in years)."""
+
+    def __init__(self, criteria: Sequence[nn.Module], head_weights: Sequence[float] = (1.0, 1.0, 1.0),
+                 sizes: Sequence[int] = HEAD_SIZES) -> None:
+        super().__init__()
+        if len(criteria) != len(sizes) or len(head_weights) != len(sizes):
+            raise ValueError(f"need {len(sizes)} criteria and head weights")
         self.criteria = nn.ModuleList(criteria)
         self.head_weights = tuple(float(w) for w in head_weights)
+        self.sizes = tuple(sizes)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.ndim != 2 or logits.shape[1] != sum(HEAD_SIZES) or target.ndim != 2 or target.shape[1] != 3:
-            raise ValueError(f"multi-head loss needs logits [N, {sum(HEAD_SIZES)}] and targets [N, 3], "
+        if logits.ndim != 2 or logits.shape[1] != sum(self.sizes) or target.ndim != 2 or target.shape[1] != 3:
+            raise ValueError(f"multi-head loss needs logits [N, {sum(self.sizes)}] and targets [N, 3], "
                              f"got {tuple(logits.shape)} and {tuple(target.shape)}")
-        parts = torch.split(logits, HEAD_SIZES, dim=1)
+        parts = torch.split(logits, self.sizes, dim=1)
         return sum(w * c(part, target[:, i])
                    for i, (w, c, part) in enumerate(zip(self.head_weights, self.criteria, parts)))
 
@@ -166,8 +182,9 @@ def create_criterion(name: str, num_classes: int, task: str = "all",
 
     task "multi": ``num_classes`` is ignored; three criteria of the same kind sized (3, 2, 3) are summed
     with ``head_weights`` (default (1, 1, 1)); ``class_weights`` is None or a tuple of three tensors
-    (an entry may be None). Options: gamma (focal, 2.0), smoothing (label_smoothing, 0.1),
-    eps (f1, 1e-7), head_weights (multi).
+    (an entry may be None). With ``age_head="years"`` the age head's criterion is ``AgeYearsLoss``
+    whatever ``name`` is (class weights apply to the mask and gender heads). Options: gamma (focal, 2.0),
+    smoothing (label_smoothing, 0.1), eps (f1, 1e-7), head_weights and age_head (multi).
     """
     if name not in CRITERIA:
         raise ValueError(f"unknown criterion {name!r}; known: {', '.join(CRITERIA)}")
@@ -175,15 +192,20 @@ def create_criterion(name: str, num_classes: int, task: str = "all",
     if unknown:
         raise TypeError(f"unknown criterion options {sorted(unknown)}; known: {sorted(KNOWN_OPTIONS)}")
     head_weights = options.pop("head_weights", None)
+    age_head = options.pop("age_head", "bins")
     builder = CRITERIA[name]
     if task != "multi":
         return builder(num_classes, class_weights, **options)
     if class_weights is None:
         class_weights = (None,) * len(HEAD_SIZES)
-    if isinstance(class_weights, torch.Tensor) or len(class_weights) != len(HEAD_SIZES):
+    if isinstance(class_weights, torch.Tensor) or len(class_weights) not in (len(HEAD_SIZES), len(HEAD_SIZES) - 1):
         raise ValueError("class_weights for task 'multi' must be None or a tuple of three tensors (mask, gender, age)")
+    class_weights = tuple(class_weights) + (None,) * (len(HEAD_SIZES) - len(class_weights))
     criteria = [builder(size, w, **options) for size, w in zip(HEAD_SIZES, class_weights)]
-    return MultiHeadCriterion(criteria, head_weights if head_weights is not None else (1.0, 1.0, 1.0))
+    sizes = HEAD_SIZES
+    if age_head == "years":
+        criteria[2], sizes = AgeYearsLoss(), (*HEAD_SIZES[:2], len(AGE_THRESHOLDS))
+    return MultiHeadCriterion(criteria, head_weights if head_weights is not None else (1.0, 1.0, 1.0), sizes)
 
 
 def class_weights_from_labels(labels: Sequence[int] | np.ndarray, num_classes: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ Public API (used by train.py / inference.py):
 - ``MODELS``: registry ``name -> ModelInfo`` filled by ``@register_model``.
 - ``create_model(name, num_classes, pretrained=False, multihead=False, **options)``.
 - ``model_info(name)``: documented input size (H, W) and normalisation mean/std.
-- ``HEAD_SIZES`` and ``logits_to_probs(logits, multihead)`` for the multi-head task.
+- ``amp_dtype(device)`` / ``resolve_device(name)``: where and in which precision a model runs.
+  The multi-head layout and logits -> probabilities live in task.py.
 - ``trainable_parameters(model)``: what the optimizer should receive.
 - ``PretrainedUnavailable``: raised within seconds when hub weights are neither cached nor downloadable.
 
@@ -31,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from task import HEAD_SIZES  # default multi-head layout [mask 3 | gender 2 | age 3]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
-# Multi-head output layout: [mask 3 | gender 2 | age 3]; class = mask*6 + gender*3 + age.
-HEAD_SIZES = (3, 2, 3)
 TIMM_PREFIX = "timm:"
 PROBE_TIMEOUT_S = 3.0
 
@@ -133,9 +134,12 @@ class MultiSampleDropout(nn.Module):
         return torch.stack([self.head(d(x)) for d in self.dropouts]).mean(dim=0)
 
 
-def make_head(in_features: int, num_classes: int, multihead: bool) -> nn.Module:
-    """The final classifier: one Linear, or three heads when ``multihead`` (num_classes then ignored)."""
-    return MultiHead(in_features) if multihead else nn.Linear(in_features, num_classes)
+def make_head(in_features: int, num_classes: int, multihead: bool | tuple[int, ...]) -> nn.Module:
+    """The final classifier: one Linear, or with ``multihead`` one Linear per head (num_classes then
+    ignored): True gives HEAD_SIZES, a tuple gives those sizes (e.g. a `years` age head)."""
+    if not multihead:
+        return nn.Linear(in_features, num_classes)
+    return MultiHead(in_features, HEAD_SIZES if multihead is True else tuple(multihead))
 
 
 def freeze(*modules: nn.Module) -> None:
@@ -149,16 +153,21 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def logits_to_probs(logits: torch.Tensor, multihead: bool) -> torch.Tensor:
-    """Class probabilities: softmax, or for multi-head logits [N, 8] the 18-class product
-    ``p(m*6 + g*3 + a) = p_mask(m) * p_gender(g) * p_age(a)`` as [N, 18]."""
-    if not multihead:
-        return logits.softmax(dim=1)
-    if logits.ndim != 2 or logits.shape[1] != sum(HEAD_SIZES):
-        raise ValueError(f"multi-head logits must be [N, {sum(HEAD_SIZES)}], got {tuple(logits.shape)}")
-    pm, pg, pa = (t.softmax(dim=1) for t in torch.split(logits, HEAD_SIZES, dim=1))
-    # [N,3,1,1] * [N,1,2,1] * [N,1,1,3] -> [N,3,2,3]; row-major flattening gives index m*6 + g*3 + a.
-    return (pm[:, :, None, None] * pg[:, None, :, None] * pa[:, None, None, :]).flatten(1)
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Autocast precision: bf16 where the hardware has it (no loss scaling needed), else fp16 on CUDA."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: the first CUDA device when there is one, else the CPU; otherwise torch's own names."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; e.g. auto, cpu, cuda, cuda:1") from None
 
 
 # --------------------------------------------------------------------------- offline-safe pretrained weights
@@ -584,7 +593,7 @@ def _build_timm(name: str, num_classes: int, pretrained: bool, multihead: bool, 
         return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **options)
     net = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **options)  # pooled features
     width = getattr(net, "head_hidden_size", None) or net.num_features
-    return nn.Sequential(net, MultiHead(width))
+    return nn.Sequential(net, make_head(width, num_classes, multihead))
 
 
 def _unknown(name: str) -> ValueError:
@@ -631,14 +640,15 @@ def size_options(name: str, resize: tuple[int, int]) -> dict:
     return {"image_size": int(resize[0])}
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = False, multihead: bool = False,
+def create_model(name: str, num_classes: int, pretrained: bool = False, multihead: bool | tuple[int, ...] = False,
                  **options) -> nn.Module:
     """Build model ``name`` (a registry name or ``timm:<timm name>``) with ``num_classes`` outputs.
 
     ``multihead=True`` gives three heads (mask 3, gender 2, age 3) on the same pooled features and
-    [N, 8] logits (``num_classes`` is then ignored). ``options`` go to the builder (e.g. ``dropout``).
+    [N, 8] logits (``num_classes`` is then ignored); a tuple of head sizes (``Task.head_sizes``)
+    gives those heads. ``options`` go to the builder (e.g. ``dropout``).
     Raises ValueError for unknown names, PretrainedUnavailable when hub weights cannot be obtained.
     """
     info = model_info(name)
     net = info.builder(num_classes, pretrained=pretrained, multihead=multihead, **options)
-    return ZooModel(net, name, multihead)
+    return ZooModel(net, name, bool(multihead))

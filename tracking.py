@@ -52,6 +52,29 @@ def resolve_tracking_uri(cli_uri: str | None) -> str:
     return DEFAULT_TRACKING_URI
 
 
+def resolve_experiment(cli_name: str | None, default: str) -> str:
+    """`--experiment`, else $MLFLOW_EXPERIMENT_NAME (MLflow's own variable), else `default`."""
+    for candidate in (cli_name, os.environ.get("MLFLOW_EXPERIMENT_NAME")):
+        if candidate is not None and candidate.strip():
+            return candidate.strip()
+    return default
+
+
+def resolve_user(cli_user: str | None) -> str | None:
+    """`--user`, else $USER, else the account name (containers and CI often have no $USER),
+    as MLflow itself does; None only where no account name can be had."""
+    if cli_user:
+        return cli_user
+    if os.environ.get("USER"):
+        return os.environ["USER"]
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry for the uid (some containers)
+        return None
+
+
 def _is_disabled_uri(uri: str | None) -> bool:
     return uri is None or uri.strip().lower() in DISABLED_URIS
 
@@ -328,3 +351,17 @@ class Tracker:
         except Exception as exc:
             if not self._lost:
                 self._lose(exc)
+
+    # ---- as a context manager: `with tracker:` ends the run with the status the block earned
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        """FINISHED on success, KILLED on Ctrl-C / SIGTERM, FAILED on any other exception."""
+        if exc_type is None:
+            self.finish("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("KILLED")
+        else:
+            self.finish("FAILED")
+        return False

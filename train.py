@@ -2,37 +2,48 @@
 
     python train.py                                   # synthetic demo data, small CNN
     python train.py --data_dir /data/train --model EfficientNetLite0 --resize 128 128
+    python train.py --config model/exp/config.json    # re-run a run (flags still win)
     torchrun --nproc_per_node 4 train.py ...          # DistributedDataParallel, same flags
 
-Reads top to bottom: arguments, data, model, optimisation, the epoch loop (train,
-validate, checkpoint, track). Outputs go to <model_dir>/<name>[N]/.
+Reads top to bottom: arguments, then `main` builds data, model, optimisation and tracking and
+runs the epoch loop (`train_one_epoch`, `validate`, checkpoints, tracking). Outputs go to
+<model_dir>/<name>[N]/.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
 import datetime
+import io
 import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+import cli
 import dataset as data
-from checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from checkpoint import CheckpointSaver, build_metadata, load_resumable
+from cli import UsageError
+from fileio import atomic_write_text
+from task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
 
 DEMO_DIR = Path("data/demo")
+SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
+DEFAULT_EXPERIMENT = "mask-classification"
 
 
+# --------------------------------------------------------------------------- arguments
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
@@ -43,27 +54,34 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def optional_bool(value: str) -> bool | None:
+def optional_bool(value: str | bool | None) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
     return None if value.lower() in ("auto", "none") else str2bool(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env = os.environ.get
+    p.add_argument("--config", default=None,
+                   help="JSON or YAML file of flag values (e.g. a run's config.json); flags on the command line win")
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default=env("SM_CHANNEL_TRAIN"),
                    help="training set: train/ or train/images (default $SM_CHANNEL_TRAIN; if unset, synthetic demo "
                         f"data generated once under ./{DEMO_DIR})")
     g.add_argument("--model_dir", default=env("SM_MODEL_DIR", "./model"), help="where run folders go (default $SM_MODEL_DIR or ./model)")
     g.add_argument("--dataset", default="MaskSplitByProfileDataset", help=f"split/label scheme: {', '.join(data.DATASETS)}")
-    g.add_argument("--task", default=None, choices=list(data.TASK_CLASSES),
+    g.add_argument("--task", default=None, choices=list(TASK_CLASSES),
                    help="labels to learn: all (18), mask (3), genderage (6), multi (three heads); default from --dataset")
+    g.add_argument("--age_head", default="bins", choices=AGE_HEADS,
+                   help="multi-head age head: bins (softmax over the 3 groups) or years (ordinal over ages "
+                        f"{AGE_THRESHOLDS[0]}..{AGE_THRESHOLDS[-1]} from the raw age; cut points applied at prediction)")
     g.add_argument("--augmentation", default="BaseAugmentation", help=f"one of {', '.join(data.AUGMENTATIONS)}")
-    g.add_argument("--resize", nargs=2, type=int, default=None, metavar=("H", "W"),
-                   help="input height and width (default: the model's documented size)")
-    g.add_argument("--age_bins", nargs=2, type=int, default=list(data.DEFAULT_AGE_BINS), metavar=("A", "B"),
+    g.add_argument("--resize", nargs="+", type=int, default=None, metavar="H W",
+                   help="input height and width, e.g. 224 224 (default: the model's documented size)")
+    g.add_argument("--age_bins", nargs="+", type=int, default=list(data.DEFAULT_AGE_BINS), metavar="A B",
                    help="age cut points: <A, A..B-1, >=B (default 30 60); labels come from raw ages")
-    g.add_argument("--score_age_bins", nargs=2, type=int, default=None, metavar=("A", "B"),
+    g.add_argument("--score_age_bins", nargs="+", type=int, default=None, metavar="A B",
                    help="cut points of the validation labels (default: --age_bins). E.g. train with --age_bins 30 58 "
                         "but score with 30 60 as the competition does; splits are stratified with these")
     g.add_argument("--val_ratio", type=float, default=0.2, help="share of people (or images) held out (default 0.2)")
@@ -73,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=["none", "weighted"], default="none", help="weighted: sample classes by inverse frequency")
     g.add_argument("--cache", type=str2bool, default=False, help="decode+resize each image once into a uint8 memmap reused across epochs and runs")
     g.add_argument("--cache_dir", default=None, help="where the cache lives (default ~/.cache/mask-toolkit)")
-    g.add_argument("--num_workers", type=int, default=data.default_num_workers(), help="DataLoader workers (default from the CPU count)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers (default: none with --cache, where decoding is done once, else from the CPU count)")
     g.add_argument("--skip_bad_images", type=str2bool, default=False, nargs="?", const=True,
                    help="warn about and drop unreadable/truncated images instead of stopping")
     g = p.add_argument_group("model and loss")
@@ -83,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", default="cross_entropy", help="cross_entropy, focal, label_smoothing, f1")
     g.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing strength (default 0.1)")
     g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma (default 2)")
-    g.add_argument("--head_weights", nargs=3, type=float, default=[1.0, 1.0, 1.0], metavar=("MASK", "GENDER", "AGE"),
+    g.add_argument("--head_weights", nargs="+", type=float, default=[1.0, 1.0, 1.0], metavar="MASK GENDER AGE",
                    help="multi-head loss weights")
     g.add_argument("--class_weights", choices=["none", "auto"], default="none", help="auto: inverse class frequency of the training split")
     g = p.add_argument_group("optimisation")
@@ -94,36 +113,183 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="AdamW", help="any torch.optim class: SGD, Adam, AdamW, ... (default AdamW)")
     g.add_argument("--lr", type=float, default=3e-3, help="(peak) learning rate (default 3e-3; ~1e-3 suits fine-tuning)")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
-    g.add_argument("--scheduler", choices=["none", "step", "cosine", "plateau", "onecycle"], default="onecycle", help="LR schedule (default onecycle)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="onecycle", help="LR schedule (default onecycle)")
     g.add_argument("--lr_decay_step", type=int, default=20, help="step scheduler: epochs between x0.5 decays")
     g.add_argument("--warmup_epochs", type=float, default=0.0, help="linear warm-up (step/cosine)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off); with --mixup, one of the two per batch")
-    g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0 = off); validation uses the EMA")
+    g.add_argument("--ema", type=float, default=0.0,
+                   help="EMA decay of the weights, e.g. 0.999 (0 = off; warmed up: min(decay, (1+n)/(10+n)) after n "
+                        "updates); validation uses the EMA")
     g.add_argument("--accum_steps", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm (0 = off)")
     g.add_argument("--early_stopping", type=int, default=0, help="stop after N epochs without a better val F1 (0 = off)")
     g.add_argument("--resume", default=None, help="continue from a last.pth")
     g.add_argument("--amp", type=optional_bool, default=None, help="mixed precision (default: on with CUDA, off on CPU)")
-    g.add_argument("--channels_last", type=optional_bool, default=None, help="NHWC memory format (default: on with CUDA)")
+    g.add_argument("--channels_last", type=optional_bool, default=None,
+                   help="NHWC memory format (default: on; measured faster on CPU and CUDA, see bench.py)")
     g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model")
     g.add_argument("--sync_bn", type=str2bool, default=False, help="SyncBatchNorm under torchrun")
     g.add_argument("--dist_timeout", type=int, default=600, help="seconds before a stuck distributed op aborts")
     g = p.add_argument_group("logging")
-    g.add_argument("--name", default="exp", help="run folder name; a number is appended if it exists")
+    g.add_argument("--name", default="exp", help="run folder name (also the MLflow run name); a number is appended if it exists")
     g.add_argument("--log_interval", type=int, default=20, help="batches between training log lines")
-    g.add_argument("--user", default=os.environ.get("USER"), help="recorded as the MLflow tag 'user'")
-    g.add_argument("--experiment", default="mask-classification", help="MLflow experiment name")
+    g.add_argument("--user", default=None, help="recorded as the MLflow tag 'user' (default $USER, else the account name)")
+    g.add_argument("--experiment", default=None,
+                   help=f"MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else {DEFAULT_EXPERIMENT})")
     g.add_argument("--tracking_uri", default=None,
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db); 'none' disables")
     return p
 
 
-# --------------------------------------------------------------------------- helpers
-class UsageError(Exception):
-    """A bad flag or an unusable setting; reported as one line with exit code 2."""
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Flag values from a JSON or YAML file (a run's config.json holds them plus a `resolved` part)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config file not found: {file}")
+    text = file.read_text()
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:
+        raise UsageError(f"cannot parse --config ({e.__class__.__name__}: {str(e).splitlines()[0][:100]}): {file}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config must hold a mapping of flag names to values: {file}")
+    values = {k: v for k, v in values.items() if k not in ("resolved", "config", "resume")}
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"--config has unknown keys {', '.join(unknown)}: {file}")
+    return values
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse flags; `--config FILE` first sets the parser's defaults, so flags given still win."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    first, _ = pre.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**load_config(first.config, parser))
+    args = parser.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every name and number, before any work: one line each, with the known names."""
+    import loss
+    import model as zoo
+
+    pairs = {"--resize": (args.resize, "H W, e.g. 224 224"), "--age_bins": (args.age_bins, "A B, e.g. 30 60"),
+             "--score_age_bins": (args.score_age_bins, "A B, e.g. 30 60")}
+    for flag, (value, form) in pairs.items():
+        if value is not None and len(value) != 2:
+            raise UsageError(f"{flag} takes two numbers, {form}; got {' '.join(map(str, value))}")
+    if len(args.head_weights) != 3:
+        raise UsageError(f"--head_weights takes three numbers MASK GENDER AGE, e.g. 1 1 1; got {args.head_weights}")
+    if args.resize is not None and min(args.resize) < 8:
+        raise UsageError(f"--resize must be at least 8 8, got {args.resize[0]} {args.resize[1]}")
+    try:
+        for flag in ("--age_bins", "--score_age_bins"):
+            if pairs[flag][0] is not None:
+                check_age_bins(pairs[flag][0], flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    args.dataset = cli.choose(args.dataset, data.DATASETS, "--dataset")
+    args.augmentation = cli.choose(args.augmentation, data.AUGMENTATIONS, "--augmentation")
+    if not args.model.startswith(zoo.TIMM_PREFIX):
+        args.model = cli.choose(args.model, zoo.MODELS, "model")  # "unknown model ..." as model.py says it
+    args.criterion = cli.choose(args.criterion, loss.CRITERIA, "--criterion")
+    optimizers = [n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+                  and c is not torch.optim.Optimizer]
+    args.optimizer = cli.choose(args.optimizer, optimizers, "--optimizer")
+    positive = {"--epochs": args.epochs, "--batch_size": args.batch_size, "--valid_batch_size": args.valid_batch_size,
+                "--accum_steps": args.accum_steps, "--log_interval": args.log_interval,
+                "--lr_decay_step": args.lr_decay_step, "--dist_timeout": args.dist_timeout}
+    for flag, value in positive.items():
+        cli.positive(value, flag)
+    at_least_zero = {"--lr": args.lr, "--weight_decay": args.weight_decay, "--warmup_epochs": args.warmup_epochs, "--mixup": args.mixup,
+                     "--cutmix": args.cutmix, "--clip_grad": args.clip_grad, "--early_stopping": args.early_stopping,
+                     "--smoothing": args.smoothing, "--focal_gamma": args.focal_gamma}
+    for flag, value in at_least_zero.items():
+        if not value >= 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if not 0 <= args.ema < 1:
+        raise UsageError(f"--ema must be a decay in [0, 1), e.g. 0.999; got {args.ema}")
+    if args.smoothing >= 1:
+        raise UsageError(f"--smoothing must be below 1, got {args.smoothing}")
+    if args.mode == "split" and not args.kfold and not 0 < args.val_ratio < 1:
+        raise UsageError(f"--val_ratio must lie between 0 and 1, got {args.val_ratio}")
+    if args.kfold == 1 or args.kfold < 0:
+        raise UsageError(f"--kfold must be 0 (off) or at least 2, got {args.kfold}")
+    if args.kfold and not 0 <= args.fold < args.kfold:
+        raise UsageError(f"--fold must lie in 0..{args.kfold - 1} for --kfold {args.kfold}, got {args.fold}")
+    if min(args.head_weights) < 0:
+        raise UsageError(f"--head_weights must be >= 0, got {args.head_weights}")
+
+
+@dataclass
+class Settings:
+    """What the run derived from its arguments (kept apart from them in config.json)."""
+
+    task: Task
+    resize: tuple[int, int]
+    age_bins: tuple[int, int]
+    score_age_bins: tuple[int, int]
+    amp: bool
+    channels_last: bool
+    num_workers: int
+    model_options: dict
+    data_dir: str
+    world: int
+    global_batch: int
+    mean: tuple = ()
+    std: tuple = ()
+    run_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in vars(self).items() if k != "task"}
+        out.update(task=self.task.name, age_head=self.task.age_head, world_size=self.world)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if k != "world"}
+
+
+def resolve_settings(args: argparse.Namespace, device: torch.device, world: int) -> Settings:
+    """Defaults that depend on the model, the task or the hardware; unknown names fail here."""
+    from model import PretrainedUnavailable, check_pretrained, model_info, size_options
+
+    cuda = device.type == "cuda"
+    try:
+        spec = data.dataset_spec(args.dataset)
+        augmentation = data.create_augmentation(args.augmentation)
+        info = model_info(args.model)
+        resize = tuple(args.resize or info.input_size)
+        model_options = size_options(args.model, resize)
+        task = get_task(args.task or spec["task"], args.age_head)
+        if args.pretrained and not args.resume:
+            check_pretrained(args.model)  # offline without cached weights: fail now, not after data setup
+    except (ValueError, PretrainedUnavailable) as e:
+        raise UsageError(str(e)) from None
+    if augmentation.crop and min(augmentation.crop) < 1:
+        raise UsageError(f"--augmentation {args.augmentation} has an empty crop")
+    age_bins = tuple(args.age_bins)
+    # With the cache nothing is decoded after the first epoch: a worker only adds IPC (bench.py).
+    workers = args.num_workers if args.num_workers is not None else (0 if args.cache else data.default_num_workers())
+    return Settings(task=task, resize=resize, age_bins=age_bins, score_age_bins=tuple(args.score_age_bins or age_bins),
+                    amp=cuda if args.amp is None else args.amp,
+                    channels_last=True if args.channels_last is None else args.channels_last,
+                    num_workers=workers, model_options=model_options, data_dir=args.data_dir or str(DEMO_DIR / "train"),
+                    world=world, global_batch=args.batch_size * world * args.accum_steps,
+                    mean=tuple(info.mean), std=tuple(info.std))
+
+
+# --------------------------------------------------------------------------- process helpers
 def log(*args) -> None:
     if is_main():
         print(*args, flush=True)
@@ -137,7 +303,7 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def setup_distributed(args) -> tuple[int, int, torch.device]:
+def setup_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,8 +313,17 @@ def setup_distributed(args) -> tuple[int, int, torch.device]:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def broadcast(value: Any, world: int) -> Any:
+    """Rank 0's value on every rank."""
+    if world == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def seed_everything(seed: int) -> None:
@@ -157,14 +332,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def unique_dir(model_dir: str, name: str) -> Path:
+def free_run_dir(model_dir: str, name: str) -> Path:
     """<model_dir>/<name>, or <name>2, <name>3, ... if taken (never overwrite a run)."""
     base = Path(model_dir) / name
     path, n = base, 2
     while path.exists():
         path, n = base.with_name(f"{name}{n}"), n + 1
-    path.mkdir(parents=True)
     return path
+
+
+def unique_dir(model_dir: str, name: str) -> Path:
+    """Create and return the first free run folder (see free_run_dir)."""
+    while True:
+        path = free_run_dir(model_dir, name)
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:  # another run took it meanwhile
+            continue
 
 
 def rng_state() -> dict:
@@ -185,6 +370,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def progress(loader, desc: str):
+    if is_main() and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    return loader
+
+
+# --------------------------------------------------------------------------- data
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffled (or class-weighted, with replacement) order for one epoch, sharded over
     processes. Seeded by (seed, epoch), so every rank agrees and --resume replays it."""
@@ -210,10 +403,162 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.per_rank
 
 
-def mix_batch(images: torch.Tensor, targets: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+@dataclass
+class Data:
+    samples: list
+    store: Any
+    train_set: Any
+    val_set: Any
+    train_loader: Any
+    val_loader: Any
+    sampler: EpochSampler
+    val_order: list[int]  # this rank's validation rows, in loader order
+    augmentation: Any
+
+
+def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin_memory: bool) -> Data:
+    samples = data.discover(s.data_dir, skip_bad_images=args.skip_bad_images, age_bins=s.age_bins, verbose=is_main())
+    if args.mode == "all":
+        train_idx, val_idx = list(range(len(samples))), []
+    else:
+        train_idx, val_idx = data.split_indices(samples, args.dataset, args.val_ratio, args.seed, s.score_age_bins,
+                                                args.kfold, args.fold)
+        if not val_idx:
+            raise UsageError("the validation split is empty; raise --val_ratio or use --mode all")
+    log(f"split: {len(train_idx)} train / {len(val_idx)} validation images "
+        f"({len({samples[i].person for i in train_idx})} / {len({samples[i].person for i in val_idx})} people)")
+    augmentation = data.create_augmentation(args.augmentation)
+    store = data.ImageStore([x.path for x in samples], s.resize, augmentation.crop,
+                            (args.cache_dir or data.default_cache_dir()) if args.cache else None)
+    if args.cache:
+        log(f"image cache: {'warm, no decoding' if store.is_complete() else 'cold, filled during the first epoch'} "
+            f"({store.cache_files[0]})")
+    train_set = data.MaskDataset(samples, store, train_idx, s.task, s.age_bins, augmentation, train=True, seed=args.seed)
+    val_set = data.MaskDataset(samples, store, val_idx, s.task, s.score_age_bins, train=False)
+    weights = None
+    if args.sampler == "weighted":
+        labels = np.array(train_set.labels())
+        weights = torch.tensor(1.0 / np.bincount(labels)[labels], dtype=torch.double)
+    sampler = EpochSampler(len(train_set), args.seed, weights, rank, world)
+    train_loader = data.make_loader(train_set, args.batch_size, sampler=sampler, num_workers=s.num_workers,
+                                    pin_memory=pin_memory)
+    val_order = list(range(rank, len(val_set), world))  # exact shards: no padding, nothing dropped
+    val_loader = data.make_loader(val_set, args.valid_batch_size, sampler=val_order, num_workers=s.num_workers,
+                                  pin_memory=pin_memory) if val_idx else None
+    return Data(samples, store, train_set, val_set, train_loader, val_loader, sampler, val_order, augmentation)
+
+
+# --------------------------------------------------------------------------- optimisation
+class ModelEma(nn.Module):
+    """Exponential moving average of the weights (and buffers) with a warmed-up decay,
+    min(decay, (1 + n) / (10 + n)) after n updates, as timm's ModelEmaV3 does: a fixed 0.999
+    would still hold mostly the initial weights after the few hundred steps of a short run."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        n = int(self.updates)
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ema_v.is_floating_point():
+                ema_v.lerp_(v.detach(), 1.0 - d)
+            else:
+                ema_v.copy_(v)
+        self.updates += 1
+
+
+def make_scheduler(optimizer, name: str, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
+                   decay_step_epochs: int = 20):
+    """Stepped once per optimizer step (plateau: once per epoch on val F1)."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(warmup_epochs * steps_per_epoch)
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total,
+                                                   pct_start=max(warmup / total, 0.05) if warmup else 0.3)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+    if name == "none":
+        return None
+    if name == "step":
+        step = decay_step_epochs * steps_per_epoch
+        main = lambda s: 0.5 ** (s // step)  # noqa: E731
+    else:  # cosine
+        main = lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))  # noqa: E731
+    # LambdaLR keeps no function in its state dict, so checkpoints stay weights_only-loadable.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else main(s))
+
+
+@dataclass
+class Optimisation:
+    """Everything that changes the weights, stepped by `train_one_epoch`."""
+
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None
+    params: list
+    accum_steps: int = 1
+    clip_grad: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    per_step_scheduler: bool = True
+
+    def resume_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def restore(self, ckpt: dict, steps_done: int) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler"):
+            if self.per_step_scheduler:  # a function of the step: keep this run's length (--epochs may change)
+                self.scheduler.last_epoch = steps_done
+            else:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+
+
+def build_optimisation(args: argparse.Namespace, model: nn.Module, task: Task, train_targets: np.ndarray,
+                       steps_per_epoch: int, device: torch.device, amp: bool) -> Optimisation:
+    from loss import class_weights_from_labels
+    from model import amp_dtype, trainable_parameters
+
+    weights = None
+    if args.class_weights == "auto":
+        weights = [class_weights_from_labels(labels, n).to(device)
+                   for labels, n in zip(task.head_labels(train_targets), task.head_classes())]
+        weights = tuple(weights) if task.multihead else weights[0]
+    criterion = task.criterion(args.criterion, class_weights=weights, smoothing=args.smoothing, gamma=args.focal_gamma,
+                               head_weights=tuple(args.head_weights))
+    params = trainable_parameters(model)
+    optimizer = getattr(torch.optim, args.optimizer)(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.scheduler, args.lr, args.epochs, steps_per_epoch, args.warmup_epochs,
+                               args.lr_decay_step)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
+    ema = ModelEma(model, args.ema) if args.ema > 0 else None
+    return Optimisation(criterion, optimizer, scheduler, scaler, ema, params, args.accum_steps, args.clip_grad,
+                        args.mixup, args.cutmix, per_step_scheduler=args.scheduler != "plateau")
+
+
+def mix_batch(images: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Mixup or CutMix on the device batch; returns (images, targets_a, targets_b, lam)."""
-    use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or random.random() < 0.5)
-    alpha = args.cutmix if use_cutmix else args.mixup
+    use_cutmix = cutmix > 0 and (mixup <= 0 or random.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
     lam = float(np.random.beta(alpha, alpha))
     perm = torch.randperm(images.shape[0], device=images.device)
     if use_cutmix:
@@ -229,411 +574,291 @@ def mix_batch(images: torch.Tensor, targets: torch.Tensor, args) -> tuple[torch.
     return images, targets, targets[perm], lam
 
 
-def make_scheduler(optimizer, args, steps_per_epoch: int):
-    """Stepped once per optimizer step (plateau: once per epoch on val F1)."""
-    total = max(1, args.epochs * steps_per_epoch)
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    if args.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total,
-                                                   pct_start=max(warmup / total, 0.05) if warmup else 0.3)
-    if args.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
-    if args.scheduler == "none":
-        return None
-    if args.scheduler == "step":
-        step = args.lr_decay_step * steps_per_epoch
-        main = lambda s: 0.5 ** (s // step)  # noqa: E731
-    else:  # cosine
-        main = lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))  # noqa: E731
-    # LambdaLR keeps no function in its state dict, so checkpoints stay weights_only-loadable.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else main(s))
+# --------------------------------------------------------------------------- one epoch
+def train_one_epoch(model: nn.Module, loader, opt: Optimisation, transform, task: Task, age_bins: Sequence[int],
+                    device: torch.device, amp: bool = False, epoch: int = 0, epochs: int = 1, log_interval: int = 20,
+                    world: int = 1, ema_source: nn.Module | None = None) -> dict[str, float]:
+    """One pass over `loader`; returns train_loss, train_acc, lr, epoch_time, train_images(_per_s),
+    summed over all processes. `model` is what runs forward (DDP / compiled); `ema_source` the
+    plain module the EMA follows (default `model`)."""
+    from loss import compute_loss, mixed_loss
+    from model import amp_dtype
+
+    dtype = amp_dtype(device)
+    mixing = opt.mixup > 0 or opt.cutmix > 0
+    model.train()
+    started = time.perf_counter()
+    loss_sum = correct = seen = 0
+    opt.optimizer.zero_grad(set_to_none=True)
+    for step, (images, targets) in enumerate(progress(loader, f"epoch {epoch + 1}/{epochs}")):
+        images = transform(images.to(device, non_blocking=True), train=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixing:
+            images, targets_a, targets_b, lam = mix_batch(images, targets, opt.mixup, opt.cutmix)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            output = model(images)
+            loss = (mixed_loss(opt.criterion, output, targets_a, targets_b, lam) if mixing
+                    else compute_loss(opt.criterion, output, targets))
+        opt.scaler.scale(loss / opt.accum_steps).backward()
+        if (step + 1) % opt.accum_steps == 0 or step + 1 == len(loader):
+            if opt.clip_grad > 0:
+                opt.scaler.unscale_(opt.optimizer)
+                torch.nn.utils.clip_grad_norm_(opt.params, opt.clip_grad)
+            opt.scaler.step(opt.optimizer)
+            opt.scaler.update()
+            opt.optimizer.zero_grad(set_to_none=True)
+            if opt.ema is not None:
+                opt.ema.update(ema_source or model)
+            if opt.scheduler is not None and opt.per_step_scheduler:
+                opt.scheduler.step()
+        logits = output[0] if isinstance(output, tuple) else output
+        with torch.no_grad():
+            correct += int((task.probs(logits.float(), age_bins).argmax(1) == task.batch_labels(targets, age_bins)).sum())
+        loss_sum += float(loss.detach()) * images.shape[0]
+        seen += images.shape[0]
+        if (step + 1) % log_interval == 0 and not sys.stderr.isatty():
+            log(f"epoch {epoch + 1} [{step + 1}/{len(loader)}] loss {loss_sum / seen:.4f} "
+                f"acc {correct / seen:.2%} lr {opt.optimizer.param_groups[0]['lr']:.2e}")
+    elapsed = time.perf_counter() - started
+    if world > 1:  # every rank's share, so the logged figures cover the whole epoch
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
+    return {"train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
+            "lr": opt.optimizer.param_groups[0]["lr"], "epoch_time": elapsed,
+            "train_images": seen, "train_images_per_s": seen / elapsed}
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+@dataclass
+class Validation:
+    """Validation outputs in dataset order: logits [N, outputs], probabilities [N, classes]."""
+
+    logits: np.ndarray
+    probs: np.ndarray
+    loss: float
+    pred: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pred = self.probs.argmax(1)
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, loader, criterion: nn.Module, transform, task: Task, age_bins: Sequence[int],
+             device: torch.device, order: Sequence[int] | None = None, amp: bool = False, world: int = 1) -> Validation:
+    """Score this rank's shard (rows `order` of the dataset), gather every shard, restore dataset order."""
+    from model import amp_dtype
+
+    model.eval()
+    if world > 1:  # BatchNorm running stats drift apart (each rank sees its own batches):
+        for buffer in model.buffers():  # score with rank 0's copy, the one that gets saved
+            dist.broadcast(buffer, src=0)
+    logits_all, loss_sum = [], 0.0
+    with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+        for images, targets in progress(loader, "val"):
+            images = transform(images.to(device, non_blocking=True), train=False)
+            logits = model(images).float()
+            loss_sum += float(criterion(logits, targets.to(device, non_blocking=True))) * images.shape[0]
+            logits_all.append(logits.cpu())
+    logits = torch.cat(logits_all) if logits_all else torch.zeros(0, 1)
+    mine = (list(order if order is not None else range(len(logits))), logits.numpy(), loss_sum)
+    gathered = [mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    rows = np.concatenate([np.asarray(g[0], dtype=np.int64) for g in gathered])
+    all_logits = np.concatenate([g[1] for g in gathered])[np.argsort(rows)]
+    probs = task.probs(torch.from_numpy(all_logits), age_bins).numpy()
+    return Validation(all_logits, probs, sum(g[2] for g in gathered) / max(1, len(rows)))
+
+
+# --------------------------------------------------------------------------- outputs of a validation
+def report_validation(val: Validation, truth: np.ndarray, task: Task, age_bins, epoch: int, best: dict) -> dict:
+    """Per-class table and scores; updates `best`; returns the val_* metrics."""
+    from metrics import evaluate_predictions, per_class_table
+
+    scores = evaluate_predictions(truth, val.pred, task.report_task)
+    metrics = {"val_loss": val.loss, "val_acc": scores["accuracy"], "val_f1": scores["f1"]}
+    metrics.update({f"val_{k}": v for k, v in scores.items() if k.startswith("f1_")})
+    best["improved_acc"] = scores["accuracy"] > best["acc"]
+    best["improved_f1"] = scores["f1"] > best["f1"]
+    if best["improved_acc"]:
+        best["acc"] = scores["accuracy"]
+    if best["improved_f1"]:
+        best.update(f1=scores["f1"], epoch=epoch, stale=0)
+    else:
+        best["stale"] += 1
+    log(per_class_table(truth, val.pred, task.report_task, age_bins))
+    extra = " ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("f1_"))
+    log(f"[val] epoch {epoch + 1}: acc {scores['accuracy']:.2%} loss {val.loss:.4f} "
+        f"macro F1 {scores['f1']:.4f} {extra} || best acc {best['acc']:.2%} best F1 {best['f1']:.4f}")
+    return metrics
+
+
+def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, val_set, task: Task, age_bins,
+                             tracker) -> None:
+    """For the best-F1 epoch: confusion matrix, per-class CSV and the out-of-fold material that
+    calibrate.py (decision rule), audit.py (label audit) and the error gallery read."""
+    from metrics import save_confusion_matrix_png, write_per_class_csv
+
+    save_confusion_matrix_png(run_dir / "confusion_matrix.png", truth, val.pred, task.report_task, age_bins)
+    write_per_class_csv(run_dir / "per_class.csv", truth, val.pred, task.report_task, age_bins)
+    np.save(run_dir / "val_probs.npy", val.probs)
+    np.save(run_dir / "val_labels.npy", truth)
+    np.save(run_dir / "val_logits.npy", val.logits)
+    rows = [val_set.samples[i] for i in val_set.indices]
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows([("path", "person", "kind", "age"),
+                                                      *((r.path, r.person, r.kind, r.age) for r in rows)])
+    atomic_write_text(run_dir / "val_samples.csv", table.getvalue())
+    for name in ("confusion_matrix.png", "per_class.csv"):
+        tracker.log_artifact(run_dir / name)
 
 
 # --------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from loss import class_weights_from_labels, compute_loss, create_criterion, mixed_loss
-    from metrics import class_names, evaluate_predictions, per_class_table, save_confusion_matrix_png, write_per_class_csv
-    from model import (HEAD_SIZES, PretrainedUnavailable, check_pretrained, create_model, logits_to_probs, model_info,
-                       size_options, trainable_parameters)
-    from tracking import Tracker, TrackingError, resolve_tracking_uri
+def main(argv: Sequence[str] | None = None) -> int:
+    from model import create_model
+    from tracking import Tracker, TrackingError, resolve_experiment, resolve_tracking_uri, resolve_user
 
-    try:  # unknown names fail here, listing the known ones, before any work
-        spec = data.dataset_spec(args.dataset)
-        augmentation = data.create_augmentation(args.augmentation)
-        info = model_info(args.model)
-        model_options = size_options(args.model, tuple(args.resize or info.input_size))
-        if args.pretrained and not args.resume:
-            check_pretrained(args.model)  # offline without cached weights: fail now, not after data setup
-    except (ValueError, PretrainedUnavailable) as e:
-        raise UsageError(str(e)) from None
-    if not args.age_bins[0] < args.age_bins[1]:
-        raise UsageError(f"--age_bins must be increasing, got {args.age_bins}")
-    rank, world, device = setup_distributed(args)
+    args = parse_args(argv)
+    resumed = load_resumable(args.resume) if args.resume else None
+    rank, world, device = setup_distributed(args.dist_timeout)
     cuda = device.type == "cuda"
-    args.amp = cuda if args.amp is None else args.amp
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
-    args.age_bins = tuple(args.age_bins)
-    args.score_age_bins = tuple(args.score_age_bins or args.age_bins)
-    task = args.task or spec["task"]
-    num_classes = data.TASK_CLASSES[task]  # 18 for multi: the heads combine into the 18 classes
-    resize = tuple(args.resize) if args.resize else tuple(info.input_size)
-    args.resize = list(resize)
-
-    resumed = None
-    if args.resume:
-        resumed = load_checkpoint(args.resume)
-        if "optimizer" not in resumed:
-            raise UsageError(f"--resume needs a last.pth (with optimizer state): {args.resume}")
-
+    s = resolve_settings(args, device, world)
     if not args.data_dir:
         from demo_data import ensure_demo_data
         if is_main():
             ensure_demo_data(DEMO_DIR)
         if world > 1:
             dist.barrier()
-        args.data_dir = str(DEMO_DIR / "train")
-        log(f"no --data_dir or $SM_CHANNEL_TRAIN: training on synthetic demo data in {args.data_dir}")
+        log(f"no --data_dir or $SM_CHANNEL_TRAIN: training on synthetic demo data in {s.data_dir}")
 
-    # Tracking first: an unreachable server stops the run before any work is done.
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    config.update(task=task, world_size=world, global_batch=args.batch_size * world * args.accum_steps)
-    tracker = Tracker(resolve_tracking_uri(args.tracking_uri), args.experiment, args.name, args.user, enabled=is_main())
+    # Tracking before any data work: an unreachable server stops the run here. The MLflow run is
+    # named after the run folder, which is created once the data is known to be usable.
+    run_dir = Path(args.resume).parent if args.resume else free_run_dir(args.model_dir, args.name)
+    run_dir = Path(broadcast(str(run_dir), world))
+    tracker = Tracker(resolve_tracking_uri(args.tracking_uri), resolve_experiment(args.experiment, DEFAULT_EXPERIMENT),
+                      run_dir.name, resolve_user(args.user), enabled=is_main())
     try:
         saved = (resumed or {}).get("tracking") or {}
-        tracker.start(config, resume_run_id=saved.get("run_id") if saved.get("uri") == tracker.uri else None)
+        tracker.start({**vars(args), **{f"resolved.{k}": v for k, v in s.to_dict().items()}, "run_dir": str(run_dir)},
+                      resume_run_id=saved.get("run_id") if saved.get("uri") == tracker.uri else None)
     except TrackingError as e:
         raise UsageError(str(e)) from None
-    seed_everything(args.seed + rank)  # distinct dropout/mixup draws per process; data order is seeded apart
+
+    task, epoch, saved_epoch = s.task, -1, -1
     try:
-        # ---- data
-        samples = data.discover(args.data_dir, skip_bad_images=args.skip_bad_images, age_bins=args.age_bins,
-                                verbose=is_main())
-        if args.mode == "all":
-            train_idx, val_idx = list(range(len(samples))), []
-        else:
-            train_idx, val_idx = data.split_indices(samples, args.dataset, args.val_ratio, args.seed, args.score_age_bins,
-                                                    args.kfold, args.fold)
-            if not val_idx:
-                raise UsageError("the validation split is empty; raise --val_ratio or use --mode all")
-        log(f"split: {len(train_idx)} train / {len(val_idx)} validation images "
-            f"({len({samples[i].person for i in train_idx})} / {len({samples[i].person for i in val_idx})} people)")
-        store = data.ImageStore([s.path for s in samples], resize, augmentation.crop,
-                                (args.cache_dir or data.default_cache_dir()) if args.cache else None)
-        if args.cache:
-            log(f"image cache: {'warm, no decoding' if store.is_complete() else 'cold, filled during the first epoch'} "
-                f"({store.cache_files[0]})")
-        train_set = data.MaskDataset(samples, store, train_idx, task, args.age_bins, augmentation, train=True, seed=args.seed)
-        val_set = data.MaskDataset(samples, store, val_idx, task, args.score_age_bins, train=False)
-        train_labels = np.array(train_set.targets)  # [N], or [N, 3] head labels for multi
-        sampler_weights = None
-        if args.sampler == "weighted":
-            label_for_sampling = np.array(train_set.labels18()) if task == "multi" else train_labels
-            counts = np.bincount(label_for_sampling, minlength=18)
-            sampler_weights = torch.tensor(1.0 / counts[label_for_sampling], dtype=torch.double)
-        sampler = EpochSampler(len(train_set), args.seed, sampler_weights, rank, world)
-        train_loader = data.make_loader(train_set, args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                                        pin_memory=cuda)
-        val_sampler = list(range(rank, len(val_set), world))  # exact shards: no padding, nothing dropped
-        val_loader = data.make_loader(val_set, args.valid_batch_size, sampler=val_sampler, num_workers=args.num_workers,
-                                      pin_memory=cuda) if val_idx else None
-
-        # ---- model, loss, optimiser
-        mean, std = info.mean, info.std
-        model = create_model(args.model, num_classes,
-                             pretrained=args.pretrained and not resumed, multihead=task == "multi",
-                             **model_options).to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        transform = data.BatchTransform(mean, std, augmentation.jitter, augmentation.noise_std, args.channels_last)
-        if args.class_weights == "auto":
-            if task == "multi":
-                weights = tuple(class_weights_from_labels(train_labels[:, i], n).to(device) for i, n in enumerate(HEAD_SIZES))
-            else:
-                weights = class_weights_from_labels(train_labels, num_classes).to(device)
-        else:
-            weights = None
-        criterion = create_criterion(args.criterion, num_classes, task=task,
-                                     class_weights=weights, smoothing=args.smoothing, gamma=args.focal_gamma,
-                                     head_weights=tuple(args.head_weights))
-        params = trainable_parameters(model)
-        try:
-            optimizer = getattr(torch.optim, args.optimizer)(params, lr=args.lr, weight_decay=args.weight_decay)
-        except AttributeError:
-            raise UsageError(f"unknown --optimizer {args.optimizer!r} (a torch.optim class, e.g. SGD, Adam, AdamW)") from None
-        steps_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
-        scheduler = make_scheduler(optimizer, args, steps_per_epoch)
-        dtype = amp_dtype(device)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.amp and dtype == torch.float16)
-        ema = None
-        if args.ema > 0:
-            ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema),
-                                                      use_buffers=True)
-        if world > 1:
-            if args.sync_bn and not cuda:  # SyncBatchNorm has no CPU kernel: it would fail at the first batch
+        with tracker:
+            seed_everything(args.seed + rank)  # distinct dropout/mixup draws per process; data order is seeded apart
+            d = build_data(args, s, rank, world, pin_memory=cuda)
+            if not args.resume:
+                run_dir = Path(broadcast(str(unique_dir(args.model_dir, run_dir.name)) if is_main() else None, world))
+            s.run_dir = str(run_dir)
+            config = {**vars(args), "resolved": s.to_dict()}
+            model = create_model(args.model, task.num_classes, pretrained=args.pretrained and not resumed,
+                                 multihead=task.head_sizes or False, **s.model_options).to(device)
+            if s.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            transform = data.BatchTransform(s.mean, s.std, d.augmentation.jitter, d.augmentation.noise_std,
+                                            s.channels_last)
+            steps_per_epoch = math.ceil(len(d.train_loader) / args.accum_steps)
+            opt = build_optimisation(args, model, task, np.array(d.train_set.targets), steps_per_epoch, device, s.amp)
+            if world > 1 and args.sync_bn and not cuda:  # SyncBatchNorm has no CPU kernel: it would fail at once
                 log("warning: --sync_bn needs CUDA; training with per-process BatchNorm on CPU")
-            elif args.sync_bn:
+            elif world > 1 and args.sync_bn:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-        else:
-            ddp_model = model
-        forward_model = torch.compile(ddp_model) if args.compile else ddp_model
-
-        start_epoch, best = 0, {"acc": -1.0, "f1": -1.0, "epoch": -1, "stale": 0}
-        if resumed:
-            model.load_state_dict(resumed["state_dict_train"] if "state_dict_train" in resumed else resumed["state_dict"])
-            optimizer.load_state_dict(resumed["optimizer"])
-            if scheduler is not None and resumed.get("scheduler"):
-                if args.scheduler == "plateau":
-                    scheduler.load_state_dict(resumed["scheduler"])
-                else:  # a function of the step: keep this run's length (--epochs, processes may have changed)
-                    scheduler.last_epoch = (resumed["epoch"] + 1) * steps_per_epoch
-            if resumed.get("scaler"):
-                scaler.load_state_dict(resumed["scaler"])
-            if ema is not None and resumed.get("ema"):
-                ema.load_state_dict(resumed["ema"])
-            set_rng_state(resumed["rng"])
-            best = dict(resumed["best"])
-            start_epoch = resumed["epoch"] + 1
-            run_dir = Path(args.resume).parent
-            log(f"resuming from {args.resume} at epoch {start_epoch + 1}")
-        else:
-            run_dir = None
-        if is_main() and run_dir is None:
-            run_dir = unique_dir(args.model_dir, args.name)
-        if world > 1:
-            holder = [str(run_dir) if run_dir else None]
-            dist.broadcast_object_list(holder, src=0)
-            run_dir = Path(holder[0])
-        config["run_dir"] = str(run_dir)
-        writer = None
-        if is_main():
-            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
-            tracker.log_artifact(run_dir / "config.json")
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(run_dir)
-            n_params = sum(p.numel() for p in model.parameters())
-            log(f"model {args.model} ({n_params / 1e6:.2f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trainable), "
-                f"task {task} ({num_classes} classes), input {resize[0]}x{resize[1]}, device {device}, "
-                f"{world} process(es), global batch {config['global_batch']}, amp {args.amp}, channels_last {args.channels_last}")
-            log(f"outputs: {run_dir}")
-
-        names = class_names(task, args.age_bins)
-        metadata = {
-            "format": "mask-toolkit/1",
-            "model": {"name": args.model, "num_classes": num_classes, "multihead": task == "multi",
-                      "options": model_options},
-            "task": task, "classes": names, "age_bins": list(args.age_bins),
-            "preprocess": {"resize": list(resize), "crop": list(augmentation.crop) if augmentation.crop else None,
-                           "mean": list(mean), "std": list(std)},
-            "class_offsets": None, "args": config,
-        }
-
-        def eval_model() -> nn.Module:
-            return ema.module if ema is not None else model
-
-        def save(filename: str, epoch: int, metrics: dict, full: bool = False) -> None:
-            ckpt = dict(metadata, state_dict=eval_model().state_dict(), epoch=epoch, metrics=metrics)
-            if full:  # everything --resume needs to continue exactly
-                ckpt.update(state_dict_train=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict() if scheduler is not None else None,
-                            scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                            rng=rng_state(), best=best, tracking={"uri": tracker.uri, "run_id": tracker.run_id})
-            atomic_save(ckpt, run_dir / filename)
-
-        def predict_val() -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-            """Score this rank's shard, gather all shards on every rank, restore dataset order."""
-            net = eval_model().eval()
-            if world > 1:  # BatchNorm running stats drift apart (each rank sees its own batches):
-                for buffer in net.buffers():  # score with rank 0's copy, the one that gets saved
-                    dist.broadcast(buffer, src=0)
-            probs, loss_sum = [], 0.0
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=args.amp):
-                for images, targets in progress(val_loader, "val"):
-                    images = transform(images.to(device, non_blocking=True), train=False)
-                    targets = targets.to(device, non_blocking=True)
-                    logits = net(images).float()
-                    loss_sum += float(criterion(logits, targets)) * images.shape[0]
-                    probs.append(logits_to_probs(logits, task == "multi").cpu())
-            probs = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes))
-            mine = (val_sampler, probs, loss_sum)
-            if world > 1:
-                gathered = [None] * world
-                dist.all_gather_object(gathered, mine)
-            else:
-                gathered = [mine]
-            order = np.concatenate([np.asarray(g[0], dtype=np.int64) for g in gathered])
-            all_probs = np.concatenate([g[1] for g in gathered])[np.argsort(order)]
-            loss = sum(g[2] for g in gathered) / max(1, len(order))
-            truth = np.array(val_set.labels18() if task == "multi" else val_set.targets)
-            return all_probs, all_probs.argmax(1), truth, loss
-
-        def progress(loader, desc):
-            if is_main() and sys.stderr.isatty():
-                from tqdm import tqdm
-                return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-            return loader
-
-        interrupted = False
-
-        def on_sigterm(signum, frame):
-            raise KeyboardInterrupt
-
-        # Only the main thread may set handlers; in-process callers (tests) get theirs back afterwards.
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
-        epoch = start_epoch - 1
-        saved_epoch = start_epoch - 1  # the epoch whose full state last.pth holds
-        status = "FINISHED"
-        metrics: dict = {}
-        try:
-            for epoch in range(start_epoch, args.epochs):
-                sampler.set_epoch(epoch)
-                train_set.set_epoch(epoch)
-                ddp_model.train()
-                started = time.perf_counter()
-                loss_sum = correct = seen = 0
-                optimizer.zero_grad(set_to_none=True)
-                for step, (images, targets) in enumerate(progress(train_loader, f"epoch {epoch + 1}/{args.epochs}")):
-                    images = transform(images.to(device, non_blocking=True), train=True)
-                    targets = targets.to(device, non_blocking=True)
-                    mixing = args.mixup > 0 or args.cutmix > 0
-                    if mixing:
-                        images, targets_a, targets_b, lam = mix_batch(images, targets, args)
-                    with torch.autocast(device.type, dtype=dtype, enabled=args.amp):
-                        output = forward_model(images)
-                        loss = (mixed_loss(criterion, output, targets_a, targets_b, lam) if mixing
-                                else compute_loss(criterion, output, targets))
-                    scaler.scale(loss / args.accum_steps).backward()
-                    last_step = step + 1 == len(train_loader)
-                    if (step + 1) % args.accum_steps == 0 or last_step:
-                        if args.clip_grad > 0:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                        if ema is not None:
-                            ema.update_parameters(model)
-                        if scheduler is not None and args.scheduler != "plateau":
-                            scheduler.step()
-                    logits = output[0] if isinstance(output, tuple) else output
-                    with torch.no_grad():
-                        pred = logits_to_probs(logits.float(), task == "multi").argmax(1)
-                        truth = data.encode_class(*targets.unbind(1)) if task == "multi" else targets
-                        correct += int((pred == truth).sum())
-                    loss_sum += float(loss.detach()) * images.shape[0]
-                    seen += images.shape[0]
-                    if (step + 1) % args.log_interval == 0 and not sys.stderr.isatty():
-                        log(f"epoch {epoch + 1} [{step + 1}/{len(train_loader)}] loss {loss_sum / seen:.4f} "
-                            f"acc {correct / seen:.2%} lr {optimizer.param_groups[0]['lr']:.2e}")
-                elapsed = time.perf_counter() - started
-                if args.cache and epoch == start_epoch:
-                    if world > 1:
-                        dist.barrier()
-                    if is_main():
-                        store.fill(range(len(store)))  # rows no loader touched (e.g. --mode all leaves none)
-                        store.finalize()
-                if world > 1:  # every rank's share, so the logged figures cover the whole epoch
-                    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
-                    dist.all_reduce(totals)
-                    loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
-                metrics = {"train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
-                           "lr": optimizer.param_groups[0]["lr"], "epoch_time": elapsed,
-                           "train_images": seen, "train_images_per_s": seen / elapsed}
-                log(f"epoch {epoch + 1}/{args.epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.2%} "
-                    f"({elapsed:.1f}s, {metrics['train_images_per_s']:.0f} img/s)")
-
-                improved_f1 = False
-                if val_loader is not None:
-                    probs, pred, truth, val_loss = predict_val()
-                    truth18 = truth  # multi-head: already the 18-class labels
-                    report_task = "all" if task == "multi" else task
-                    scores = evaluate_predictions(truth18, pred, report_task)
-                    metrics.update({"val_loss": val_loss, "val_acc": scores["accuracy"], "val_f1": scores["f1"]})
-                    metrics.update({f"val_{k}": v for k, v in scores.items() if k.startswith("f1_")})
-                    improved_acc = scores["accuracy"] > best["acc"]
-                    improved_f1 = scores["f1"] > best["f1"]
-                    if improved_acc:
-                        best["acc"] = scores["accuracy"]
-                    if improved_f1:
-                        best.update(f1=scores["f1"], epoch=epoch, stale=0)
-                    else:
-                        best["stale"] += 1
-                    if is_main():
-                        log(per_class_table(truth18, pred, report_task, args.score_age_bins))
-                        extra = " ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("f1_"))
-                        log(f"[val] epoch {epoch + 1}: acc {scores['accuracy']:.2%} loss {val_loss:.4f} "
-                            f"macro F1 {scores['f1']:.4f} {extra} || best acc {best['acc']:.2%} best F1 {best['f1']:.4f}")
-                        if improved_acc:
-                            save("best.pth", epoch, metrics)
-                        if improved_f1:
-                            save("best_f1.pth", epoch, metrics)
-                            save_confusion_matrix_png(run_dir / "confusion_matrix.png", truth18, pred, report_task,
-                                                      args.score_age_bins)
-                            write_per_class_csv(run_dir / "per_class.csv", truth18, pred, report_task, args.score_age_bins)
-                            # Out-of-fold material for calibrate.py (decision offsets tuned for macro F1).
-                            np.save(run_dir / "val_probs.npy", probs)
-                            np.save(run_dir / "val_labels.npy", truth18)
-                            tracker.log_artifact(run_dir / "confusion_matrix.png")
-                            tracker.log_artifact(run_dir / "per_class.csv")
-                    if scheduler is not None and args.scheduler == "plateau":
-                        scheduler.step(scores["f1"])
-                if is_main():
-                    save("last.pth", epoch, metrics, full=True)
-                    saved_epoch = epoch
-                    for key, value in metrics.items():
-                        writer.add_scalar(key, value, epoch)
-                    writer.flush()
-                    tracker.log_metrics(metrics, step=epoch)
-                if args.early_stopping and val_loader is not None and best["stale"] >= args.early_stopping:
-                    log(f"early stopping: no better val F1 for {args.early_stopping} epochs (best {best['f1']:.4f} "
-                        f"at epoch {best['epoch'] + 1})")
-                    break
-        except KeyboardInterrupt:
-            interrupted, status = True, "KILLED"
-            # last.pth is rewritten after every epoch; a half-done epoch is not saved over it, because
-            # resuming from mid-epoch weights would skip the rest of that epoch's batches.
-            last = run_dir / "last.pth" if run_dir is not None else None
-            if is_main() and last is not None and saved_epoch >= 0 and last.exists():
-                log(f"\ninterrupted in epoch {epoch + 1}: {last} holds epoch {saved_epoch + 1}; "
-                    f"continue with --resume {last}")
-            elif is_main():
-                log(f"\ninterrupted in epoch {epoch + 1}, before any epoch completed: nothing to resume")
-        except BaseException:
-            status = "FAILED"
-            raise
-        finally:
-            if previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, previous_sigterm)
+            ddp_model = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+                         if world > 1 else model)
+            forward_model = torch.compile(ddp_model) if args.compile else ddp_model
+            best = {"acc": -1.0, "f1": -1.0, "epoch": -1, "stale": 0}
+            start_epoch = 0
+            if resumed:
+                model.load_state_dict(resumed.get("state_dict_train", resumed["state_dict"]))
+                opt.restore(resumed, (resumed["epoch"] + 1) * steps_per_epoch)
+                set_rng_state(resumed["rng"])
+                best.update(resumed["best"])
+                saved_epoch = resumed["epoch"]
+                start_epoch = saved_epoch + 1
+                log(f"resuming from {args.resume} at epoch {start_epoch + 1}")
+            metadata = build_metadata(args.model, s.model_options, task, s.age_bins,
+                                      {"resize": s.resize, "crop": d.augmentation.crop, "mean": s.mean, "std": s.std},
+                                      args=vars(args), resolved=s.to_dict(), age_cuts=s.score_age_bins)
+            saver = CheckpointSaver(run_dir, metadata)
+            eval_model = opt.ema.module if opt.ema is not None else model
+            writer = None
             if is_main():
+                atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
+                tracker.log_artifact(run_dir / "config.json")
+                from torch.utils.tensorboard import SummaryWriter
+                writer = SummaryWriter(run_dir)
+                log(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                    f"{sum(p.numel() for p in opt.params) / 1e6:.2f}M trainable), task {task.describe()}, "
+                    f"input {s.resize[0]}x{s.resize[1]}, device {device}, {world} process(es), global batch "
+                    f"{s.global_batch}, amp {s.amp}, channels_last {s.channels_last}, workers {s.num_workers}")
+                log(f"outputs: {run_dir}")
+            truth = np.array(d.val_set.labels())
+            try:
+                for epoch in range(start_epoch, args.epochs):
+                    d.sampler.set_epoch(epoch)
+                    d.train_set.set_epoch(epoch)
+                    metrics = train_one_epoch(forward_model, d.train_loader, opt, transform, task, s.age_bins, device,
+                                              s.amp, epoch, args.epochs, args.log_interval, world, ema_source=model)
+                    log(f"epoch {epoch + 1}/{args.epochs}: train loss {metrics['train_loss']:.4f} acc "
+                        f"{metrics['train_acc']:.2%} ({metrics['epoch_time']:.1f}s, {metrics['train_images_per_s']:.0f} img/s)")
+                    if args.cache and epoch == start_epoch:
+                        if world > 1:
+                            dist.barrier()
+                        if is_main():
+                            d.store.fill(range(len(d.store)))  # rows no loader touched (e.g. --mode all leaves none)
+                            d.store.finalize()
+                    if d.val_loader is not None:
+                        val = validate(eval_model, d.val_loader, opt.criterion, transform, task, s.score_age_bins,
+                                       device, d.val_order, s.amp, world)
+                        val_metrics = report_validation(val, truth, task, s.score_age_bins, epoch, best) if is_main() else {}
+                        best, val_metrics = broadcast((best, val_metrics), world)  # every rank decides alike
+                        metrics.update(val_metrics)
+                        if is_main() and best["improved_acc"]:
+                            saver.save("best.pth", eval_model.state_dict(), epoch, metrics)
+                        if is_main() and best["improved_f1"]:
+                            saver.save("best_f1.pth", eval_model.state_dict(), epoch, metrics)
+                            write_validation_outputs(run_dir, val, truth, d.val_set, task, s.score_age_bins, tracker)
+                        if opt.scheduler is not None and not opt.per_step_scheduler:
+                            opt.scheduler.step(metrics["val_f1"])
+                    if is_main():
+                        resume = {**opt.resume_state(), "state_dict_train": model.state_dict(), "rng": rng_state(),
+                                  "best": {k: best[k] for k in ("acc", "f1", "epoch", "stale")},
+                                  "tracking": {"uri": tracker.uri, "run_id": tracker.run_id}}
+                        saver.save("last.pth", eval_model.state_dict(), epoch, metrics, resume=resume)
+                        for key, value in metrics.items():
+                            writer.add_scalar(key, value, epoch)
+                        writer.flush()
+                        tracker.log_metrics(metrics, step=epoch)
+                    saved_epoch = epoch
+                    if args.early_stopping and d.val_loader is not None and best["stale"] >= args.early_stopping:
+                        log(f"early stopping: no better val F1 for {args.early_stopping} epochs (best {best['f1']:.4f} "
+                            f"at epoch {best['epoch'] + 1})")
+                        break
+            finally:
                 if writer is not None:
                     writer.close()
-                tracker.finish(status)
-            if world > 1 and not interrupted:
-                dist.destroy_process_group()
-        if is_main() and not interrupted:
-            summary = f"best val macro F1 {best['f1']:.4f} (epoch {best['epoch'] + 1}), " if val_loader else ""
-            log(f"done: {summary}checkpoints in {run_dir}"
-                + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker.run_id else ""))
-        return 130 if interrupted else 0
-    except BaseException:
-        tracker.finish("FAILED")  # idempotent; no-op when the run already ended
-        raise
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the tracker ended the run as KILLED
+        # last.pth is rewritten after every epoch; a half-done epoch is not saved over it, because
+        # resuming from mid-epoch weights would skip the rest of that epoch's batches.
+        last = run_dir / "last.pth"
+        if saved_epoch >= 0 and last.exists():
+            log(f"\ninterrupted in epoch {epoch + 1}: {last} holds epoch {saved_epoch + 1}; "
+                f"continue with --resume {last}")
+        else:
+            log(f"\ninterrupted in epoch {epoch + 1}, before any epoch completed: nothing to resume")
+        return cli.exit_code(e)
+    if world > 1:
+        dist.destroy_process_group()
+    summary = f"best val macro F1 {best['f1']:.4f} (epoch {best['epoch'] + 1}), " if d.val_loader else ""
+    best_file = "best_f1" if d.val_loader else "last"
+    log(f"done: {summary}checkpoints in {run_dir}"
+        + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker.run_id else "")
+        + f"\n  predict: python inference.py --model_dir {run_dir} --state {best_file} --data_dir <eval folder>")
+    return 0
 
 
 if __name__ == "__main__":
-    from checkpoint import CheckpointError
-
-    try:
-        sys.exit(main())
-    except (UsageError, data.DataError, CheckpointError) as e:
-        # Bad input, not a bug: one line, no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

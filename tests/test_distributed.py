@@ -183,7 +183,7 @@ def test_exactly_one_mlflow_run(ddp_run):
 def test_global_batch_printed_and_in_config(ddp_run):
     assert f"global batch {BATCH * WORLD * ACCUM}," in ddp_run["out"]
     config = json.loads((ddp_run["models"] / "exp" / "config.json").read_text())
-    assert config["global_batch"] == BATCH * WORLD * ACCUM and config["world_size"] == WORLD
+    assert config["resolved"]["global_batch"] == BATCH * WORLD * ACCUM and config["resolved"]["world_size"] == WORLD
     assert config["batch_size"] == BATCH and config["accum_steps"] == ACCUM
 
 

@@ -93,7 +93,7 @@ def _check_recorded(uri: str, run, epochs: int, run_dir: Path) -> None:
                                tracking_uri=uri,
                                dst_path=str(run_dir.parent / "downloaded"))
     config = json.loads(Path(local).read_text())
-    assert config["epochs"] == epochs and Path(config["run_dir"]) == run_dir
+    assert config["epochs"] == epochs and Path(config["resolved"]["run_dir"]) == run_dir
     for name in ("best.pth", "best_f1.pth", "last.pth"):
         assert (run_dir / name).is_file(), name
 

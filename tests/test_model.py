@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 import model as zoo
-from model import HEAD_SIZES, MODELS, create_model, logits_to_probs, model_info, trainable_parameters
+from model import MODELS, create_model, model_info, trainable_parameters
+from task import HEAD_SIZES, get_task
+
+
+def logits_to_probs(logits: torch.Tensor, multihead: bool) -> torch.Tensor:
+    return get_task("multi" if multihead else "all").probs(logits)
+
 
 HEAVY = {"Vgg16", "Vgg16Freeze", "EfficientNetB4FreezeTop3", "ViTPretrainedFreeze"}  # batch 1 keeps CI fast
 SEED_NAMES = ["BaseModel", "ResNet18", "ResNet18Freeze", "ResNet18Dropout", "ResNet18MSD", "ResNet18FreezeTop6",

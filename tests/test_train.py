@@ -87,7 +87,7 @@ def test_short_run_writes_every_output(trained_run):
     every_flag = vars(train.build_parser().parse_args([]))
     assert set(every_flag) <= set(config)
     assert config["epochs"] == 2 and config["resize"] == [48, 36] and config["model"] == "SmallCNN"
-    assert config["task"] == "all" and config["run_dir"] == str(trained_run)
+    assert config["resolved"]["task"] == "all" and config["resolved"]["run_dir"] == str(trained_run)
 
     rows = (trained_run / "per_class.csv").read_text().splitlines()
     assert rows[0].startswith("class,name,correct,total,accuracy") and len(rows) == 1 + 18
@@ -256,9 +256,9 @@ def test_regularisation_and_sampling_options_run(tiny_train_args, demo_root, tmp
     calls = []
     real_mix = train.mix_batch
 
-    def counting_mix(images, targets, args):
+    def counting_mix(images, *rest):
         calls.append(images.shape[0])
-        return real_mix(images, targets, args)
+        return real_mix(images, *rest)
 
     monkeypatch.setattr(train, "mix_batch", counting_mix)
     rc, run = run_train(tmp_path, tiny_train_args, demo_root / "train", "--epochs", "1", "--mixup", "0.4",
