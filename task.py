@@ -228,7 +228,7 @@ class Task:
         if self.age_head == "years":
             import torch
 
-            age = torch.bucketize(age, torch.tensor(list(age_bins), device=age.device), right=True)
+            age = torch.bucketize(age.contiguous(), torch.tensor(list(age_bins), device=age.device), right=True)
         return encode_class(mask, gender, age)
 
     # ---- outputs
