@@ -236,12 +236,8 @@ def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, device: 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def bench_model(args, device: torch.device) -> dict:
-    from model import create_model
+    from model import amp_dtype, create_model  # the precision train.py and inference.py use
 
     b, (h, w) = args.batch_size, args.resize
     gen = torch.Generator().manual_seed(args.seed)
@@ -360,11 +356,14 @@ def main(argv: list[str] | None = None) -> dict:
         cli.positive_int(size, "--resize")
     for nw in args.num_workers or ():
         cli.non_negative(nw, "--num_workers")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    workers = args.num_workers if args.num_workers is not None else [data.default_num_workers()]
-    args.num_workers = sorted({0, *(int(nw) for nw in workers)})
     import model as zoo
 
+    try:
+        device = zoo.resolve_device(args.device)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    workers = args.num_workers if args.num_workers is not None else [data.default_num_workers()]
+    args.num_workers = sorted({0, *(int(nw) for nw in workers)})
     if not args.model.startswith(zoo.TIMM_PREFIX):  # a typo: one line with the known names, before any work
         args.model = cli.choose(args.model, zoo.MODELS, "--model")
     info = zoo.model_info(args.model)

@@ -26,16 +26,21 @@ from fileio import check_apart, replace_folder
 MARKER = ".mask-toolkit-holdout"  # only a folder carrying it is ever replaced
 
 
+def _training_set(images: Path) -> list[Path]:
+    """The folders of a training set given its images root: `train/images` and `train/` itself."""
+    return [images, images.parent] if images.name == "images" else [images]
+
+
 def make_holdout(data_dir: str | os.PathLike, out: str | os.PathLike, val_ratio: float = 0.2, seed: int = 0,
                  age_bins=data.DEFAULT_AGE_BINS) -> Path:
     """Write the hold-out into `out`; refuses (ToolkitError) an `out` that equals, contains or lies
     inside the data, or an existing `out` that holdout.py did not make."""
     cli.in_range(val_ratio, 0, 1, "--val_ratio", low_open=True, high_open=True)
-    root = data.images_root(data_dir)
-    check_apart(out, [data_dir, root])  # before reading anything: no work is wasted on a refusal
+    check_apart(out, _training_set(data.images_root(data_dir)) + [Path(data_dir)])  # before any work
     samples = data.discover(data_dir, age_bins=age_bins, verbose=False)
-    # where the images really are (a hold-out of a hold-out links to the originals)
-    check_apart(out, sorted({Path(s.path).resolve().parent.parent for s in samples}))
+    # and where the images really are: a hold-out of a hold-out links to the originals
+    check_apart(out, [p for root in sorted({Path(s.path).resolve().parent.parent for s in samples})
+                      for p in _training_set(root)])
     train_idx, val_idx = data.split_by_profile(samples, val_ratio, seed, age_bins)
     if not val_idx:
         people = len({s.person for s in samples})

@@ -155,7 +155,8 @@ def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys):
     import cli
 
     cases = {("--model", "resnet18"): "unknown --model 'resnet18'; known: ", ("--batch_size", "0"): "--batch_size must",
-             ("--n", "-1"): "--n must be >= 0", ("--data_dir", str(tmp_path / "nope")): "--data_dir not found"}
+             ("--n", "-1"): "--n must be >= 0", ("--data_dir", str(tmp_path / "nope")): "--data_dir not found",
+             ("--device", "gpu0"): "unknown --device 'gpu0'"}
     for argv, fragment in cases.items():
         code = cli.call(lambda: bench.main([*argv, "--num_workers", "0"]))
         captured = capsys.readouterr()
