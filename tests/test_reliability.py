@@ -265,3 +265,26 @@ def test_sigterm_to_the_process_group_of_a_training_run(demo_root, tiny_train_ar
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert f"epoch {held + 1}/{held + 1}:" in res.stdout and f"epoch {held}/" not in res.stdout
     assert "Traceback" not in res.stderr
+
+
+def test_demo_data_out_that_is_a_file(tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    one_error_line(script("demo_data.py", "--out", file, "--people", "6", "--eval_people", "6"),
+                   "not a folder", str(file))
+    assert file.read_text() == "x"
+
+
+def test_script_warnings_are_one_short_line_each(source, tmp_path):
+    """Issue 18 item 5: Python's two-line warning format (with the source line) and one warning
+    per incomplete person hid the real error; now one `warning:` line sums them up."""
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(source / "train", train)
+    for person in sorted((train / "images").iterdir())[:5]:
+        (person / "normal.jpg").unlink()
+    res = script("holdout.py", "--data_dir", train, "--out", tmp_path / "local")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("warning: 5 incomplete person(s)") and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.rstrip().endswith("and 2 more") and "warnings.warn" not in res.stderr
