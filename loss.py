@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from task import AGE_THRESHOLDS, HEAD_SIZES  # multi-head layout [mask 3 | gender 2 | age 3 or years]
+from task import AGE_THRESHOLDS, HEAD_SIZES, get_task  # multi-head layout [mask 3 | gender 2 | age 3 or years]
 
 INCEPTION_AUX_WEIGHT = 0.4
 
@@ -194,7 +194,7 @@ def create_criterion(name: str, num_classes: int, task: str = "all",
     head_weights = options.pop("head_weights", None)
     age_head = options.pop("age_head", "bins")
     builder = CRITERIA[name]
-    if task != "multi":
+    if not get_task(task, age_head).multihead:
         return builder(num_classes, class_weights, **options)
     if class_weights is None:
         class_weights = (None,) * len(HEAD_SIZES)
