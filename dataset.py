@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -871,6 +872,15 @@ def collate(batch: list):
     return [out, *rest]
 
 
+def _worker_excepthook(exc_type, exc, tb) -> None:
+    # A batch's file descriptor is handed over by a thread of the worker (multiprocessing's
+    # resource_sharer), which reports errors through sys.excepthook: when the main process stops
+    # mid-handover, that is a "Connection reset by peer" traceback about nothing the user can fix.
+    if issubclass(exc_type, (ConnectionError, EOFError)):
+        return
+    sys.__excepthook__(exc_type, exc, tb)
+
+
 class QuietWorker:
     """DataLoader worker_init_fn: the worker ignores SIGTERM and SIGINT, then runs `then` (if any).
 
@@ -878,7 +888,9 @@ class QuietWorker:
     Killed first, the workers would end the run in "DataLoader worker (pid ...) is killed by
     signal" tracebacks; ignoring the signal leaves the stop to the main process, which shuts
     its loaders down cleanly (workers also exit by themselves once the main process is gone).
-    A class rather than a closure so it pickles for the spawn start method.
+    Connection errors of the worker's batch-handover thread, which only happen when the main
+    process stops mid-transfer, are not printed either. A class rather than a closure so it
+    pickles for the spawn start method.
     """
 
     def __init__(self, then: Callable[[int], None] | None = None):
@@ -887,6 +899,7 @@ class QuietWorker:
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.excepthook = _worker_excepthook
         if self.then is not None:
             self.then(worker_id)
 

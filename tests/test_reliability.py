@@ -247,6 +247,15 @@ def test_sigterm_to_the_process_group_of_a_training_run(demo_root, tiny_train_ar
             proc.wait()
     while (line := lines.get(timeout=30)) is not None:
         seen.append(line)
+    # the workers went with it: no process of the group is left behind
+    for _ in range(100):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"processes of group {pgid} still running after the run exited")
     output = "".join(seen)
     assert "Traceback" not in output and "DataLoader worker" not in output, output[-3000:]
     assert "Exception ignored" not in output, output[-3000:]
