@@ -176,7 +176,7 @@ def test_exactly_one_mlflow_run(ddp_run):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["resolved.world_size"] == str(WORLD)
-    assert run.data.params["global_batch"] == str(BATCH * WORLD * ACCUM)
+    assert run.data.params["resolved.global_batch"] == str(BATCH * WORLD * ACCUM)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == list(range(EPOCHS))
 
 
