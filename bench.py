@@ -45,11 +45,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import cli
 import dataset as data
+from task import NUM_CLASSES
 
 REQUIRED_KEYS = ("reference_ips", "cold_ips", "warm_ips", "cold_ratio", "warm_ratio", "train_ips", "infer_ips",
                  "infer_eager_ips", "resize", "model", "device")
 JITTER = (0.1, 0.1, 0.1, 0.1)
-NUM_CLASSES = 18
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ Format `mask-toolkit/1` (a dict):
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from cli import ToolkitError
-from fileio import atomic_write
+from fileio import atomic_write_bytes
 from task import Task, task_of
 
 FORMAT = "mask-toolkit/1"
@@ -35,8 +36,12 @@ class CheckpointError(ToolkitError, ValueError):
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save through the project's atomic write: a crash never leaves a half-written file."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through the project's atomic write: a crash never leaves a half-written file.
+    Serialised in memory first, because torch.save reports a full disk as a RuntimeError;
+    the file write then fails as an OSError naming the path (one `error:` line)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def build_metadata(model_name: str, model_options: dict, task: Task, age_bins: Sequence[int],

@@ -8,7 +8,6 @@ inference use the same path without the random parts.
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -29,7 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import ToolkitError, examples
 from fileio import atomic_write_text
-from metrics import DEFAULT_AGE_BINS, TASK_CLASSES  # one definition; metrics stays free of torch
+from task import (DEFAULT_AGE_BINS, NUM_CLASSES, TASK_CLASSES, age_label, decode_class,  # noqa: F401 (re-exported)
+                  encode_class, task_target)
+
+if TYPE_CHECKING:
+    from task import Task
 
 cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubscribe the cores
 
@@ -42,33 +45,6 @@ PERSON_DIR = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>[^_]+)_(?P<a
 
 class DataError(ToolkitError, ValueError):
     """Bad input data; the message is one line and names the offending path."""
-
-
-def age_label(age: int, age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> int:
-    """0 below the first cut, 1 between, 2 at or above the second (`30 60`: 29->0, 30->1, 60->2)."""
-    return bisect.bisect_right(list(age_bins), age)
-
-
-def encode_class(mask: int, gender: int, age: int) -> int:
-    """18-class label: mask * 6 + gender * 3 + age (age already binned)."""
-    return mask * 6 + gender * 3 + age
-
-
-def decode_class(label: int) -> tuple[int, int, int]:
-    return label // 6, (label // 3) % 2, label % 3
-
-
-def task_target(mask: int, gender: int, age: int, task: str) -> int | tuple[int, int, int]:
-    """The label a model of `task` is trained on (age already binned)."""
-    if task == "all":
-        return encode_class(mask, gender, age)
-    if task == "mask":
-        return mask
-    if task == "genderage":
-        return gender * 3 + age
-    if task == "multi":
-        return (mask, gender, age)
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_CLASSES)}")
 
 
 # --------------------------------------------------------------------------- discovery
@@ -192,7 +168,7 @@ def discover(
 
 def summarize(samples: Sequence[Sample], age_bins: Sequence[int], skipped: dict[str, int] | None = None,
               n_bad: int = 0) -> str:
-    counts = np.bincount([s.label18(age_bins) for s in samples], minlength=18)
+    counts = np.bincount([s.label18(age_bins) for s in samples], minlength=NUM_CLASSES)
     people = len({s.person for s in samples})
     lines = [f"data: {people} people, {len(samples)} images, age bins {list(age_bins)}",
              "  images per class: " + " ".join(f"{c}:{n}" for c, n in enumerate(counts))]

@@ -29,8 +29,8 @@ import numpy as np
 
 import cli
 import metrics
+from task import NUM_CLASSES
 
-NUM_CLASSES = 18
 ID_COL, LABEL_COL = "ImageID", "ans"
 EXIT_BAD_INPUT = 2
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"ground truth: {gt}\npredictions:  {pred}\nimages:       {len(ids)}")
     print(f"accuracy:     {score['accuracy']:.4f} ({100 * score['accuracy']:.2f}%)")
-    print(f"macro F1:     {score['f1']:.4f} (18 classes)")
+    print(f"macro F1:     {score['f1']:.4f} ({NUM_CLASSES} classes)")
     print(f"F1 mask {score['f1_mask']:.4f} | gender {score['f1_gender']:.4f} | age {score['f1_age']:.4f} "
           f"| gender-age {score['f1_genderage']:.4f}")
     print("\nper class:")

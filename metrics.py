@@ -26,44 +26,11 @@ from sklearn.metrics import f1_score
 
 from fileio import atomic_write
 
-TASK_CLASSES = {"all": 18, "mask": 3, "genderage": 6, "multi": 18}
-DEFAULT_AGE_BINS = (30, 60)
-MASK_NAMES = ("wear", "incorrect", "not wear")
-GENDER_NAMES = ("male", "female")
-
-
-# --------------------------------------------------------------------------- labels
-def _num_classes(task: str) -> int:
-    if task not in TASK_CLASSES:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_CLASSES)}")
-    return TASK_CLASSES[task]
-
-
-def age_names(age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> tuple[str, str, str]:
-    """Readable names of the three age groups for the cut points `age_bins` (30 60 -> <30, 30-59, >=60)."""
-    lo, hi = (int(b) for b in age_bins)
-    return (f"<{lo}", f"{lo}-{hi - 1}", f">={hi}")
-
-
-def _plain_names(task: str, age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> list[str]:
-    n = _num_classes(task)
-    ages = age_names(age_bins)
-    if task == "mask":
-        return list(MASK_NAMES)
-    if task == "genderage":
-        return [f"{GENDER_NAMES[c // 3]}/{ages[c % 3]}" for c in range(n)]
-    return [f"{MASK_NAMES[c // 6]}/{GENDER_NAMES[(c // 3) % 2]}/{ages[c % 3]}" for c in range(n)]
-
-
-def class_names(task: str, age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> list[str]:
-    """One readable name per class of `task`, prefixed with its id, e.g. "0 wear/male/<30"."""
-    return [f"{i} {name}" for i, name in enumerate(_plain_names(task, age_bins))]
-
-
-def decode18(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """18-class labels -> (mask, gender, age) arrays."""
-    c = np.asarray(classes, dtype=np.int64)
-    return c // 6, (c // 3) % 2, c % 3
+# The label scheme lives in task.py (numpy only, so metrics stays free of torch); re-exported here.
+from task import (DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, TASK_CLASSES,  # noqa: E402,F401
+                  age_names, class_names, decode18, get_task)
+from task import num_classes as _num_classes  # noqa: E402
+from task import plain_names as _plain_names  # noqa: E402
 
 
 def _to_numpy(y: Any) -> np.ndarray:
@@ -76,7 +43,7 @@ def _as_labels(y: Any, task: str, what: str) -> np.ndarray:
     """Validate labels of `task` and return them as a 1-D int64 array."""
     n = _num_classes(task)
     a = _to_numpy(y)
-    if task == "multi" and a.ndim == 2 and a.shape[1] == 3:  # (mask, gender, age) targets
+    if get_task(task).multihead and a.ndim == 2 and a.shape[1] == 3:  # (mask, gender, age) targets
         a = a[:, 0] * 6 + a[:, 1] * 3 + a[:, 2]
     if a.ndim != 1:
         raise ValueError(f"{what} must be a 1-D array of class ids, got shape {a.shape}")
@@ -111,7 +78,7 @@ def evaluate_predictions(y_true: Any, y_pred: Any, task: str) -> dict[str, float
     "all"/"multi": f1_mask, f1_gender, f1_age, f1_genderage; "genderage": f1_gender, f1_age."""
     t, p = _pair(y_true, y_pred, task)
     out = {"accuracy": float(np.mean(t == p)), "f1": macro_f1(t, p)}
-    if task in ("all", "multi"):
+    if get_task(task).report_task == "all":
         (tm, tg, ta), (pm, pg, pa) = decode18(t), decode18(p)
         out.update(f1_mask=macro_f1(tm, pm), f1_gender=macro_f1(tg, pg), f1_age=macro_f1(ta, pa),
                    f1_genderage=macro_f1(tg * 3 + ta, pg * 3 + pa))
