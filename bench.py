@@ -291,8 +291,8 @@ def bench_model(args, device: torch.device) -> dict:
         out["train_ips"] = out["train_amp_channels_last_ips"]
         out["infer_ips"] = out["infer_amp_channels_last_ips"]
         out["infer_path"] = "inference_mode, channels_last, bf16 autocast"
-    else:  # train.py's CPU default: fp32, contiguous
-        out["train_ips"] = out["train_fp32_ips"]
+    else:  # train.py's CPU default: fp32, channels_last (measured faster here for Lite0, ResNet18, SmallCNN)
+        out["train_ips"] = out["train_fp32_channels_last_ips"]
         best = "channels_last" if out["infer_channels_last_ips"] > out["infer_contiguous_ips"] else "contiguous"
         out["infer_ips"] = out[f"infer_{best}_ips"]
         out["infer_path"] = f"inference_mode, fp32, {best} (the faster layout, measured here)"
