@@ -246,7 +246,7 @@ def _require_timm_weights(model_name: str, timm_name: str) -> None:
             f"Pretrained weights for model {model_name!r} are unavailable: {files[0]} of Hugging Face repo "
             f"{cfg.hf_hub_id} is not in the local Hugging Face cache and huggingface.co cannot be reached. "
             f"Either train without them (--pretrained False) or fetch them on a connected machine "
-            f"(`huggingface-cli download {cfg.hf_hub_id}`) and copy the cache ($HF_HOME/hub) here.")
+            f"(`hf download {cfg.hf_hub_id}`) and copy the cache ($HF_HOME/hub) here.")
     if cfg.url:
         _require_hub_file(model_name, cfg.url)
 
