@@ -297,3 +297,32 @@ def test_script_warnings_are_one_short_line_each(source, tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stderr.startswith("warning: 5 incomplete person(s)") and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.rstrip().endswith("and 2 more") and "warnings.warn" not in res.stderr
+
+
+# --------------------------------------------------------------------------- unusable output paths, every script
+def test_unusable_output_paths_of_train_inference_calibrate_evaluation(trained_run, demo_root, tiny_train_args,
+                                                                        tmp_path):
+    """A file where a folder is expected, and a folder without write permission: one line, exit 2."""
+    import shutil
+
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    one_error_line(script("train.py", *tiny_train_args, "--epochs", "1", "--data_dir", demo_root / "train",
+                          "--model_dir", file), str(file))
+    one_error_line(script("inference.py", "--data_dir", demo_root / "eval", "--model_dir", trained_run,
+                          "--output_dir", file, "--num_workers", "0"), str(file))
+    one_error_line(script("inference.py", "--data_dir", demo_root / "eval", "--model_dir", trained_run,
+                          "--output_dir", file / "sub", "--num_workers", "0"), str(file))
+    assert file.read_text() == "x"
+    one_error_line(script("evaluation.py", "--gt", file, "--pred", file))
+    if os.geteuid() != 0:  # root writes anywhere: the permission case only means something for users
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        one_error_line(script("inference.py", "--data_dir", demo_root / "eval", "--model_dir", trained_run,
+                              "--output_dir", locked / "out", "--num_workers", "0"), str(locked))
+    # calibrate --write into a checkpoint whose folder cannot take the new file
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "best_f1.pth").unlink()
+    (run / "best_f1.pth").mkdir()  # a folder where the checkpoint should be
+    one_error_line(script("calibrate.py", "--runs", run, "--write"), "best_f1.pth")
