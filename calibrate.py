@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
-from checkpoint import CheckpointError, load_checkpoint, resolve_state_path, set_decision
+from checkpoint import CheckpointError, expand_runs, load_checkpoint, resolve_state_path, set_decision
 from metrics import macro_f1
 from task import AGE_THRESHOLDS, Task, decide, log_probs, task_of
 
@@ -179,7 +179,7 @@ def overlapping_people(oofs: list[OutOfFold]) -> set[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, help="run folders (e.g. the K folds of one recipe)")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders (e.g. the K folds of one recipe, or their --fold all folder)")
     p.add_argument("--state", default="best_f1", help="checkpoint to write the rule into (default best_f1)")
     p.add_argument("--write", action="store_true", help="store the rule in each run's checkpoint")
     p.add_argument("--method", choices=sorted(FITTERS), default="prior",
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--age_cuts", choices=["fit", "keep"], default="fit",
                    help="models with a years age head: fit the cut points for macro F1 (fit) or keep the trained ones")
     args = p.parse_args(argv)
-    runs = [Path(r) for r in args.runs]
+    runs = [run for group in expand_runs(args.runs) for run in group]
     if args.write:
         for run in runs:
             resolve_state_path(run, args.state)  # a bad --state or a missing checkpoint fails before any work

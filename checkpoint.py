@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -97,6 +98,17 @@ def resolve_state_path(model_dir: str | os.PathLike, state: str = "best_f1.pth")
         have = ", ".join(p.name for p in sorted(path.glob("*.pth"))) or "none"
         raise CheckpointError(f"checkpoint not found: {file} (present: {have})")
     return file
+
+
+def expand_runs(paths: Iterable[str | os.PathLike]) -> list[list[Path]]:
+    """Per path given, the run folders it stands for: itself, or for a cross-validation folder
+    (`train.py --kfold K --fold all`: fold0/ .. fold<K-1>/ and no checkpoint of its own) its folds."""
+    out = []
+    for path in map(Path, paths):
+        folds = [f for f in path.glob("fold*") if re.fullmatch(r"fold\d+", f.name) and f.is_dir()] \
+            if path.is_dir() and not any(path.glob("*.pth")) else []
+        out.append(sorted(folds, key=lambda f: int(f.name[4:])) or [path])
+    return out
 
 
 def state_file(state: str) -> str:

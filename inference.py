@@ -20,8 +20,8 @@ import torch
 
 import cli
 import dataset as data
-from checkpoint import (CheckpointError, build_model, check_state_name, decision_age_cuts, load_checkpoint,
-                        resolve_state_path)
+from checkpoint import (CheckpointError, build_model, check_state_name, decision_age_cuts, expand_runs,
+                        load_checkpoint, resolve_state_path)
 from fileio import atomic_write_text
 from task import NUM_CLASSES, decide, task_of
 
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=env("SM_CHANNEL_EVAL"), help="eval folder with info.csv and images/ (default $SM_CHANNEL_EVAL)")
     p.add_argument("--model_dir", nargs="+", default=[env("SM_CHANNEL_MODEL")] if env("SM_CHANNEL_MODEL") else None,
-                   help="run folder(s) or .pth file(s); several = soft vote (default $SM_CHANNEL_MODEL)")
+                   help="run folder(s) or .pth file(s); several = soft vote; a --fold all folder = its folds "
+                        "(default $SM_CHANNEL_MODEL)")
     p.add_argument("--output_dir", default=env("SM_OUTPUT_DATA_DIR", "./output"), help="default $SM_OUTPUT_DATA_DIR or ./output")
     p.add_argument("--state", default="best_f1", help="best|best_f1|last (.pth optional; default best_f1: the competition scores macro F1)")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="soft-vote weight per --model_dir (default equal)")
@@ -135,8 +136,11 @@ def soft_vote(model_dirs: list[str], state: str, paths: list[str], weights: list
     `task.apply_offsets(probs, offsets)` gives probabilities whose arg-max is the class."""
     if weights and len(weights) != len(model_dirs):
         raise InferenceError(f"--weights has {len(weights)} values for {len(model_dirs)} --model_dir")
-    w = np.array(weights or [1.0] * len(model_dirs), dtype=np.float64)
-    loaded = [load_for_task(d, state) for d in model_dirs]
+    # A cross-validation folder votes with its folds, which share its weight.
+    runs = [(run, weight / len(group)) for group, weight in zip(expand_runs(model_dirs), weights or [1.0] * len(model_dirs))
+            for run in group]
+    w = np.array([weight for _, weight in runs], dtype=np.float64)
+    loaded = [load_for_task(run, state) for run, _ in runs]
     tasks = {task_of(c).num_classes if task_of(c).predicts_18 else task_of(c).name for c, _ in loaded}
     if len(tasks) > 1:
         raise InferenceError("cannot soft-vote models of different tasks: "

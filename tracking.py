@@ -174,8 +174,10 @@ class Tracker:
         return self._run_id is not None and not self._lost and not self._finished
 
     # ---- start -------------------------------------------------------------------------------
-    def start(self, params: dict, resume_run_id: str | None = None) -> None:
-        """Open the run (or join the one `mlflow run` created) and log every param.
+    def start(self, params: dict, resume_run_id: str | None = None, parent: "Tracker | None" = None) -> None:
+        """Open the run (or join the one `mlflow run` created) and log every param. With `parent`
+        (an active Tracker), the run is its child: same experiment, tag mlflow.parentRunId, shown
+        nested under it in the UI (the folds of a cross-validation).
 
         Raises TrackingError with a one-line message if tracking cannot start."""
         if not self.enabled or self._run_id is not None:
@@ -193,8 +195,9 @@ class Tracker:
             logging.getLogger("alembic").setLevel(logging.WARNING)
 
             self._client = MlflowClient(tracking_uri=self.uri)
+            parent = parent if parent is not None and parent.active else None
             parent_run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
-            if parent_run_id:
+            if parent_run_id and parent is None:
                 self._join_run(parent_run_id)
             elif resume_run_id:  # --resume: continue the interrupted run's metric history
                 try:
@@ -202,9 +205,9 @@ class Tracker:
                 except TrackingError:
                     print(f"warning: run {resume_run_id} of the resumed checkpoint is not on {self.uri}; "
                           "logging to a new run", file=sys.stderr)
-                    self._create_run()
+                    self._create_run(parent)
             else:
-                self._create_run()
+                self._create_run(parent)
             self._log_params(params)
         except TrackingError:
             self._run_id = None
@@ -237,9 +240,16 @@ class Tracker:
         if self.user:
             self._client.set_tag(self._run_id, "user", self.user)
 
-    def _create_run(self) -> None:
+    def _create_run(self, parent: "Tracker | None" = None) -> None:
         from mlflow.exceptions import MlflowException
 
+        tags = {"user": self.user} if self.user else {}
+        if parent is not None:
+            self._experiment_id = parent.experiment_id
+            tags["mlflow.parentRunId"] = parent.run_id
+            self._run_id = self._client.create_run(self._experiment_id, tags=self._default_tags(tags),
+                                                   run_name=self.run_name).info.run_id
+            return
         exp = self._client.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
@@ -256,15 +266,18 @@ class Tracker:
                     "(mlflow experiments restore) or choose another --experiment"
                 )
             self._experiment_id = exp.experiment_id
-        tags = {"user": self.user} if self.user else {}
-        try:  # the fluent API's default tags: source file, git commit, OS user
+        run = self._client.create_run(self._experiment_id, tags=self._default_tags(tags), run_name=self.run_name)
+        self._run_id = run.info.run_id
+
+    @staticmethod
+    def _default_tags(tags: dict) -> dict:
+        """The fluent API's default tags (source file, git commit, OS user) under ours."""
+        try:
             from mlflow.tracking.context.registry import resolve_tags
 
-            tags = resolve_tags(tags)
+            return resolve_tags(tags)
         except Exception:
-            pass
-        run = self._client.create_run(self._experiment_id, tags=tags, run_name=self.run_name)
-        self._run_id = run.info.run_id
+            return tags
 
     def _log_params(self, params: dict) -> None:
         from mlflow.entities import Param

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,15 @@ def optional_bool(value: str | bool | None) -> bool | None:
     return None if value.lower() in ("auto", "none") else str2bool(value)
 
 
+def fold_value(value: str | int) -> int | str:
+    if isinstance(value, int) or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"expected a fold number or all, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env = os.environ.get
@@ -86,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "but score with 30 60 as the competition does; splits are stratified with these")
     g.add_argument("--val_ratio", type=float, default=0.2, help="share of people (or images) held out (default 0.2)")
     g.add_argument("--kfold", type=int, default=0, help="K for person-level K-fold (0 = off); use with --fold")
-    g.add_argument("--fold", type=int, default=0, help="which fold (0..K-1) is validation")
+    g.add_argument("--fold", type=fold_value, default=0,
+                   help="which fold (0..K-1) is validation, or all: train every fold in turn into <name>/fold<i> and "
+                        "report the mean and spread (cv.json)")
     g.add_argument("--mode", choices=["split", "all"], default="split", help="split: train/val; all: train on every image, no validation")
     g.add_argument("--sampler", choices=["none", "weighted"], default="none", help="weighted: sample classes by inverse frequency")
     g.add_argument("--cache", type=str2bool, default=False, help="decode+resize each image once into a uint8 memmap reused across epochs and runs")
@@ -229,8 +241,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--val_ratio must lie between 0 and 1, got {args.val_ratio}")
     if args.kfold == 1 or args.kfold < 0:
         raise UsageError(f"--kfold must be 0 (off) or at least 2, got {args.kfold}")
-    if args.kfold and not 0 <= args.fold < args.kfold:
+    if args.fold == "all" and (not args.kfold or args.mode == "all"):
+        raise UsageError("--fold all trains every fold of a --kfold K split (K >= 2, --mode split)")
+    if args.kfold and args.fold != "all" and not 0 <= args.fold < args.kfold:
         raise UsageError(f"--fold must lie in 0..{args.kfold - 1} for --kfold {args.kfold}, got {args.fold}")
+    if args.fold == "all" and args.resume and not re.fullmatch(r"fold\d+", Path(args.resume).parent.name):
+        raise UsageError(f"--fold all resumes from a fold's last.pth (<run>/fold<i>/last.pth), got {args.resume}")
     if min(args.head_weights) < 0:
         raise UsageError(f"--head_weights must be >= 0, got {args.head_weights}")
 
@@ -714,102 +730,114 @@ def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, 
         tracker.log_artifact(run_dir / name)
 
 
-# --------------------------------------------------------------------------- main
-def main(argv: Sequence[str] | None = None) -> int:
+# --------------------------------------------------------------------------- model
+def build_model(args: argparse.Namespace, s: Settings, device: torch.device, pretrained: bool) -> nn.Module:
+    """The network, on the device, in the run's memory format: what is saved and what the EMA follows."""
     from model import create_model
+
+    model = create_model(args.model, s.task.num_classes, pretrained=pretrained, multihead=s.task.head_sizes or False,
+                         **s.model_options).to(device)
+    return model.to(memory_format=torch.channels_last) if s.channels_last else model
+
+
+def forward_module(model: nn.Module, device: torch.device, world: int, sync_bn: bool, compile: bool) -> nn.Module:
+    """What runs forward in training: the model under DistributedDataParallel and/or torch.compile."""
+    cuda = device.type == "cuda"
+    if world > 1 and sync_bn and not cuda:  # SyncBatchNorm has no CPU kernel: it would fail at once
+        log("warning: --sync_bn needs CUDA; training with per-process BatchNorm on CPU")
+    elif world > 1 and sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    return torch.compile(model) if compile else model
+
+
+def start_tracking(args: argparse.Namespace, s: Settings, run_dir: Path, resumed: dict | None,
+                   parent: Any = None) -> Any:
+    """The MLflow run of `run_dir` (a child of `parent` for a fold of --fold all), started before any
+    data work so that an unreachable server stops the run at once."""
     from tracking import Tracker, TrackingError, resolve_experiment, resolve_tracking_uri, resolve_user
 
-    args = parse_args(argv)
-    resumed = load_resumable(args.resume) if args.resume else None
-    rank, world, device = setup_distributed(args.dist_timeout)
-    cuda = device.type == "cuda"
-    s = resolve_settings(args, device, world)
-    if not args.data_dir:
-        from demo_data import ensure_demo_data
-        if is_main():
-            ensure_demo_data(DEMO_DIR)
-        if world > 1:
-            dist.barrier()
-        log(f"no --data_dir or $SM_CHANNEL_TRAIN: training on synthetic demo data in {s.data_dir}")
-
-    # Tracking before any data work: an unreachable server stops the run here. The MLflow run is
-    # named after the run folder, which is created once the data is known to be usable.
-    run_dir = Path(args.resume).parent if args.resume else free_run_dir(args.model_dir, args.name)
-    run_dir = Path(broadcast(str(run_dir), world))
+    name = f"{parent.run_name}/{run_dir.name}" if parent is not None else run_dir.name
     tracker = Tracker(resolve_tracking_uri(args.tracking_uri), resolve_experiment(args.experiment, DEFAULT_EXPERIMENT),
-                      run_dir.name, resolve_user(args.user), enabled=is_main())
+                      name, resolve_user(args.user), enabled=is_main())
+    saved = (resumed or {}).get("tracking") or {}
     try:
-        saved = (resumed or {}).get("tracking") or {}
         tracker.start({**vars(args), **{f"resolved.{k}": v for k, v in s.to_dict().items()}, "run_dir": str(run_dir)},
-                      resume_run_id=saved.get("run_id") if saved.get("uri") == tracker.uri else None)
+                      resume_run_id=saved.get("run_id") if saved.get("uri") == tracker.uri else None, parent=parent)
     except TrackingError as e:
         raise UsageError(str(e)) from None
+    return tracker
 
-    task, epoch, saved_epoch = s.task, -1, -1
+
+@dataclass
+class RunResult:
+    """What one training run leaves: its folder, best scores and its last epoch's metrics."""
+
+    run_dir: Path
+    best: dict
+    metrics: dict
+    exit_code: int = 0  # 130 / 143 when Ctrl-C / SIGTERM stopped it
+
+
+# --------------------------------------------------------------------------- one run
+def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.device, parent: Any = None) -> RunResult:
+    """Build data, model, optimisation and tracking for `args`, then run the epoch loop."""
+    resumed = load_resumable(args.resume) if args.resume else None
+    s = resolve_settings(args, device, world)
+    run_dir = Path(broadcast(str(Path(args.resume).parent if args.resume else free_run_dir(args.model_dir, args.name)),
+                             world))
+    tracker = start_tracking(args, s, run_dir, resumed, parent)
+    task, epoch, saved_epoch, metrics = s.task, -1, -1, {}
+    best = {"acc": -1.0, "f1": -1.0, "epoch": -1, "stale": 0}
     try:
         with tracker:
             seed_everything(args.seed + rank)  # distinct dropout/mixup draws per process; data order is seeded apart
-            d = build_data(args, s, rank, world, pin_memory=cuda)
-            if not args.resume:
+            d = build_data(args, s, rank, world, pin_memory=device.type == "cuda")
+            if not args.resume:  # the folder is made once the data is known to be usable
                 run_dir = Path(broadcast(str(unique_dir(args.model_dir, run_dir.name)) if is_main() else None, world))
             s.run_dir = str(run_dir)
-            config = {**vars(args), "resolved": s.to_dict()}
-            model = create_model(args.model, task.num_classes, pretrained=args.pretrained and not resumed,
-                                 multihead=task.head_sizes or False, **s.model_options).to(device)
-            if s.channels_last:
-                model = model.to(memory_format=torch.channels_last)
+            model = build_model(args, s, device, pretrained=args.pretrained and not resumed)
             transform = data.BatchTransform(s.mean, s.std, d.augmentation.jitter, d.augmentation.noise_std,
                                             s.channels_last)
             steps_per_epoch = math.ceil(len(d.train_loader) / args.accum_steps)
             opt = build_optimisation(args, model, task, np.array(d.train_set.targets), steps_per_epoch, device, s.amp)
-            if world > 1 and args.sync_bn and not cuda:  # SyncBatchNorm has no CPU kernel: it would fail at once
-                log("warning: --sync_bn needs CUDA; training with per-process BatchNorm on CPU")
-            elif world > 1 and args.sync_bn:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            ddp_model = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-                         if world > 1 else model)
-            forward_model = torch.compile(ddp_model) if args.compile else ddp_model
-            best = {"acc": -1.0, "f1": -1.0, "epoch": -1, "stale": 0}
-            start_epoch = 0
+            forward_model = forward_module(model, device, world, args.sync_bn, args.compile)
             if resumed:
                 model.load_state_dict(resumed.get("state_dict_train", resumed["state_dict"]))
                 opt.restore(resumed, (resumed["epoch"] + 1) * steps_per_epoch)
                 set_rng_state(resumed["rng"])
                 best.update(resumed["best"])
                 saved_epoch = resumed["epoch"]
-                start_epoch = saved_epoch + 1
-                log(f"resuming from {args.resume} at epoch {start_epoch + 1}")
-            metadata = build_metadata(args.model, s.model_options, task, s.age_bins,
-                                      {"resize": s.resize, "crop": d.augmentation.crop, "mean": s.mean, "std": s.std},
-                                      args=vars(args), resolved=s.to_dict(), age_cuts=s.score_age_bins)
-            saver = CheckpointSaver(run_dir, metadata)
+                log(f"resuming from {args.resume} at epoch {saved_epoch + 2}")
+            saver = CheckpointSaver(run_dir, build_metadata(
+                args.model, s.model_options, task, s.age_bins,
+                {"resize": s.resize, "crop": d.augmentation.crop, "mean": s.mean, "std": s.std},
+                args=vars(args), resolved=s.to_dict(), age_cuts=s.score_age_bins))
             eval_model = opt.ema.module if opt.ema is not None else model
-            writer = None
             if is_main():
-                atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
+                atomic_write_text(run_dir / "config.json", json.dumps({**vars(args), "resolved": s.to_dict()}, indent=2))
                 tracker.log_artifact(run_dir / "config.json")
-                from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(run_dir)
                 log(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                     f"{sum(p.numel() for p in opt.params) / 1e6:.2f}M trainable), task {task.describe()}, "
                     f"input {s.resize[0]}x{s.resize[1]}, device {device}, {world} process(es), global batch "
-                    f"{s.global_batch}, amp {s.amp}, channels_last {s.channels_last}, workers {s.num_workers}")
-                log(f"outputs: {run_dir}")
+                    f"{s.global_batch}, amp {s.amp}, channels_last {s.channels_last}, workers {s.num_workers}\n"
+                    f"outputs: {run_dir}")
+            writer = None
+            if is_main():
+                from torch.utils.tensorboard import SummaryWriter
+                writer = SummaryWriter(run_dir)
             truth = np.array(d.val_set.labels())
             try:
-                for epoch in range(start_epoch, args.epochs):
+                for epoch in range(saved_epoch + 1, args.epochs):
                     d.sampler.set_epoch(epoch)
                     d.train_set.set_epoch(epoch)
                     metrics = train_one_epoch(forward_model, d.train_loader, opt, transform, task, s.age_bins, device,
                                               s.amp, epoch, args.epochs, args.log_interval, world, ema_source=model)
                     log(f"epoch {epoch + 1}/{args.epochs}: train loss {metrics['train_loss']:.4f} acc "
                         f"{metrics['train_acc']:.2%} ({metrics['epoch_time']:.1f}s, {metrics['train_images_per_s']:.0f} img/s)")
-                    if args.cache and epoch == start_epoch:
-                        if world > 1:
-                            dist.barrier()
-                        if is_main():
-                            d.store.fill(range(len(d.store)))  # rows no loader touched (e.g. --mode all leaves none)
-                            d.store.finalize()
+                    if args.cache and epoch == saved_epoch + 1:
+                        finish_cache(d.store, world)
                     if d.val_loader is not None:
                         val = validate(eval_model, d.val_loader, opt.criterion, transform, task, s.score_age_bins,
                                        device, d.val_order, s.amp, world)
@@ -828,10 +856,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "best": {k: best[k] for k in ("acc", "f1", "epoch", "stale")},
                                   "tracking": {"uri": tracker.uri, "run_id": tracker.run_id}}
                         saver.save("last.pth", eval_model.state_dict(), epoch, metrics, resume=resume)
-                        for key, value in metrics.items():
-                            writer.add_scalar(key, value, epoch)
-                        writer.flush()
-                        tracker.log_metrics(metrics, step=epoch)
+                        log_epoch(writer, tracker, metrics, epoch)
                     saved_epoch = epoch
                     if args.early_stopping and d.val_loader is not None and best["stale"] >= args.early_stopping:
                         log(f"early stopping: no better val F1 for {args.early_stopping} epochs (best {best['f1']:.4f} "
@@ -841,22 +866,141 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if writer is not None:
                     writer.close()
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the tracker ended the run as KILLED
-        # last.pth is rewritten after every epoch; a half-done epoch is not saved over it, because
-        # resuming from mid-epoch weights would skip the rest of that epoch's batches.
-        last = run_dir / "last.pth"
-        if saved_epoch >= 0 and last.exists():
-            log(f"\ninterrupted in epoch {epoch + 1}: {last} holds epoch {saved_epoch + 1}; "
-                f"continue with --resume {last}")
-        else:
-            log(f"\ninterrupted in epoch {epoch + 1}, before any epoch completed: nothing to resume")
-        return cli.exit_code(e)
-    if world > 1:
-        dist.destroy_process_group()
+        # Only the exit code leaves: the exception's traceback would keep the DataLoader (and its
+        # workers, which ignore SIGTERM) alive until interpreter exit, which then waits for them.
+        log(interrupted_message(run_dir, epoch, saved_epoch))
+        return RunResult(run_dir, best, metrics, exit_code=cli.exit_code(e))
     summary = f"best val macro F1 {best['f1']:.4f} (epoch {best['epoch'] + 1}), " if d.val_loader else ""
-    best_file = "best_f1" if d.val_loader else "last"
     log(f"done: {summary}checkpoints in {run_dir}"
         + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker.run_id else "")
-        + f"\n  predict: python inference.py --model_dir {run_dir} --state {best_file} --data_dir <eval folder>")
+        + f"\n  predict: python inference.py --model_dir {run_dir} --state {'best_f1' if d.val_loader else 'last'} "
+          "--data_dir <eval folder>")
+    return RunResult(run_dir, best, metrics)
+
+
+def finish_cache(store, world: int) -> None:
+    """After the first epoch: decode what no loader touched (e.g. --mode all leaves none) and seal the cache."""
+    if world > 1:
+        dist.barrier()
+    if is_main():
+        store.fill(range(len(store)))
+        store.finalize()
+
+
+def log_epoch(writer, tracker, metrics: dict, epoch: int) -> None:
+    """Every metric of the epoch, by name, to TensorBoard and MLflow."""
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, epoch)
+    writer.flush()
+    tracker.log_metrics(metrics, step=epoch)
+
+
+def interrupted_message(run_dir: Path, epoch: int, saved_epoch: int) -> str:
+    # last.pth is rewritten after every epoch; a half-done epoch is not saved over it, because
+    # resuming from mid-epoch weights would skip the rest of that epoch's batches.
+    last = run_dir / "last.pth"
+    if saved_epoch >= 0 and last.exists():
+        return (f"\ninterrupted in epoch {epoch + 1}: {last} holds epoch {saved_epoch + 1}; "
+                f"continue with --resume {last}")
+    return f"\ninterrupted in epoch {epoch + 1}, before any epoch completed: nothing to resume"
+
+
+# --------------------------------------------------------------------------- K-fold in one command
+def cross_validate(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> RunResult:
+    """--kfold K --fold all: train every fold in turn into <model_dir>/<name>/fold<i>, one MLflow child
+    run each under one parent run, then report the mean and spread over folds and the pooled
+    out-of-fold score in cv.json. With --resume <parent>/fold<i>/last.pth, folds before i are taken as done."""
+    first = 0
+    if args.resume:
+        parent_dir = Path(args.resume).parent.parent
+        first = int(Path(args.resume).parent.name.removeprefix("fold"))
+    else:
+        parent_dir = Path(broadcast(str(unique_dir(args.model_dir, args.name)) if is_main() else None, world))
+    s = resolve_settings(args, device, world)
+    parent = start_tracking(args, s, parent_dir, None)
+    try:
+        with parent:
+            summary = train_folds(args, s, parent_dir, first, parent, rank, world, device)
+    except KeyboardInterrupt as e:  # the interrupted fold said how to resume
+        return RunResult(parent_dir, {}, {}, exit_code=cli.exit_code(e))
+    return RunResult(parent_dir, {}, summary)
+
+
+def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: int, parent: Any, rank: int,
+                world: int, device: torch.device) -> dict:
+    from metrics import evaluate_predictions
+
+    later = [parent_dir / f"fold{fold}" for fold in range(first + 1, args.kfold) if (parent_dir / f"fold{fold}").exists()]
+    if args.resume and later:
+        raise UsageError(f"{later[0]} exists already: resume from the last fold that has a last.pth")
+    if is_main():
+        atomic_write_text(parent_dir / "config.json", json.dumps({**vars(args), "resolved": s.to_dict()}, indent=2))
+    for fold in range(first, args.kfold):
+        log(f"=== fold {fold + 1}/{args.kfold} ===")
+        fold_args = argparse.Namespace(**{**vars(args), "fold": fold, "model_dir": str(parent_dir),
+                                          "name": f"fold{fold}", "resume": args.resume if fold == first else None})
+        result = train_run(fold_args, rank, world, device, parent=parent)
+        if result.exit_code:  # ends the parent MLflow run as KILLED too
+            raise cli.Interrupted(result.exit_code - 128)
+    summary = summarise_folds([parent_dir / f"fold{fold}" for fold in range(args.kfold)], s.task, evaluate_predictions)
+    if is_main():
+        atomic_write_text(parent_dir / "cv.json", json.dumps(summary, indent=2))
+        parent.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, step=0)
+        parent.log_artifact(parent_dir / "cv.json")
+        log(cv_report(summary, args.kfold) + f"\n  folds in {parent_dir}; predict with all of them: "
+            f"python inference.py --model_dir {parent_dir} --data_dir <eval folder>")
+    return summary
+
+
+def summarise_folds(runs: Sequence[Path], task: Task, evaluate) -> dict:
+    """Mean and sample standard deviation over folds of each best-F1 epoch's scores, and the macro F1
+    of all out-of-fold predictions pooled (every person scored once, by the fold that never saw them)."""
+    from checkpoint import load_checkpoint
+
+    per_fold, probs, labels = [], [], []
+    for run in runs:
+        ckpt = load_checkpoint(run / "best_f1.pth")
+        last = load_checkpoint(run / "last.pth")
+        per_fold.append({"run": str(run), "best_epoch": ckpt["epoch"] + 1, **{k: ckpt["metrics"][k] for k in
+                         ckpt["metrics"] if k.startswith("val_")}, "last_val_f1": last["metrics"].get("val_f1")})
+        probs.append(np.load(run / "val_probs.npy"))
+        labels.append(np.load(run / "val_labels.npy"))
+    pooled = evaluate(np.concatenate(labels), np.concatenate(probs).argmax(1), task.report_task)
+    summary: dict = {"folds": per_fold}
+    for key in [k for k in per_fold[0] if k.startswith("val_") or k == "last_val_f1"]:
+        values = np.array([f[key] for f in per_fold], dtype=np.float64)
+        summary[f"cv_{key}_mean"] = float(values.mean())
+        summary[f"cv_{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    summary.update({f"cv_oof_{k}": float(v) for k, v in pooled.items() if k == "accuracy" or k.startswith("f1")})
+    return summary
+
+
+def cv_report(summary: dict, k: int) -> str:
+    def pm(key: str) -> str:
+        return f"{summary[f'cv_{key}_mean']:.4f} +- {summary[f'cv_{key}_std']:.4f}"
+
+    folds = " ".join(f"{f['val_f1']:.4f}" for f in summary["folds"])
+    return (f"cross-validation, {k} folds by person: macro F1 {pm('val_f1')} (folds: {folds}); "
+            f"last epoch {pm('last_val_f1')}\n  mask {pm('val_f1_mask')}, gender {pm('val_f1_gender')}, "
+            f"age {pm('val_f1_age')}; all out-of-fold predictions pooled: macro F1 {summary['cv_oof_f1']:.4f}")
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.dist_timeout)
+    if not args.data_dir:
+        from demo_data import ensure_demo_data
+        if is_main():
+            ensure_demo_data(DEMO_DIR)
+        if world > 1:
+            dist.barrier()
+        log(f"no --data_dir or $SM_CHANNEL_TRAIN: training on synthetic demo data in {DEMO_DIR / 'train'}")
+    result = (cross_validate if args.fold == "all" else train_run)(args, rank, world, device)
+    if result.exit_code:
+        return result.exit_code
+    if world > 1:
+        dist.destroy_process_group()
     return 0
 
 
