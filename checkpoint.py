@@ -6,7 +6,8 @@ Format `mask-toolkit/1` (a dict):
     format, model {name, num_classes, multihead, heads, options}, task, task_options {age_head},
     classes, age_bins, preprocess {resize, crop, mean, std}, class_offsets, age_cuts,
     args (the run's config: what was asked), resolved (what the run derived from it),
-    state_dict, epoch (0-based index of the last completed epoch), metrics;
+    state_dict, epoch (0-based index of the last completed epoch, as PyTorch schedulers count),
+    epoch_number (the same epoch as the console printed it: epoch + 1), metrics;
     last.pth adds what --resume needs (state_dict_train, optimizer, scheduler, scaler, ema, rng,
     best, tracking).
 `build_metadata` makes the descriptive part, `CheckpointSaver` writes every file of a run,
@@ -74,7 +75,7 @@ class CheckpointSaver:
         """`resume`: the extra state (RESUME_KEYS) that lets --resume continue exactly."""
         if filename not in STATE_FILES:
             raise ValueError(f"unknown checkpoint name {filename!r}; known: {', '.join(STATE_FILES)}")
-        ckpt = dict(self.metadata, state_dict=state_dict, epoch=epoch, metrics=dict(metrics))
+        ckpt = dict(self.metadata, state_dict=state_dict, epoch=epoch, epoch_number=epoch + 1, metrics=dict(metrics))
         if resume is not None:
             missing = set(RESUME_KEYS) - set(resume)
             if missing:

@@ -961,7 +961,7 @@ def summarise_folds(runs: Sequence[Path], task: Task, evaluate) -> dict:
     for run in runs:
         ckpt = load_checkpoint(run / "best_f1.pth")
         last = load_checkpoint(run / "last.pth")
-        per_fold.append({"run": str(run), "best_epoch": ckpt["epoch"] + 1, **{k: ckpt["metrics"][k] for k in
+        per_fold.append({"run": str(run), "best_epoch": ckpt["epoch_number"], **{k: ckpt["metrics"][k] for k in
                          ckpt["metrics"] if k.startswith("val_")}, "last_val_f1": last["metrics"].get("val_f1")})
         probs.append(np.load(run / "val_probs.npy"))
         labels.append(np.load(run / "val_labels.npy"))

@@ -230,6 +230,7 @@ def test_mode_all_writes_only_last(tiny_train, demo_root):
     assert "[val]" not in out and "split: 504 train / 0 validation" in out
     ckpt = load_checkpoint(run / "last.pth")
     assert ckpt["epoch"] == 0 and "val_f1" not in ckpt["metrics"]
+    assert ckpt["epoch_number"] == 1 and "epoch 1/1: train loss" in out  # the number the console printed
 
 
 def test_kfold_uses_the_requested_fold(tiny_train, demo_root):
