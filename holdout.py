@@ -6,8 +6,11 @@ scored locally exactly as the leaderboard would:
     # -> /tmp/local/train/images/<person>/...  (symlinks)   train with --data_dir /tmp/local/train
     #    /tmp/local/eval/info.csv + eval/images/<ImageID>   predict with inference.py
     #    /tmp/local/gt/gt.csv                               score with evaluation.py
+    python holdout.py --data_dir /data/train --out /tmp/fold2 --kfold 5 --fold 2   # one fold of five
 
-The split is `split_by_profile` (stratified by gender x age, no person on both sides).
+The split is `split_by_profile` (stratified by gender x age, no person on both sides), or with
+--kfold K fold i of the person K-fold that `train.py --kfold K --fold i` uses (same seed, same
+people): scoring a pipeline on every fold gives a cross-validated estimate of the whole pipeline.
 Images are symlinked, not copied, so it is instant and costs no disk.
 """
 from __future__ import annotations
@@ -32,16 +35,19 @@ def _training_set(images: Path) -> list[Path]:
 
 
 def make_holdout(data_dir: str | os.PathLike, out: str | os.PathLike, val_ratio: float = 0.2, seed: int = 0,
-                 age_bins=data.DEFAULT_AGE_BINS) -> Path:
+                 age_bins=data.DEFAULT_AGE_BINS, kfold: int = 0, fold: int = 0) -> Path:
     """Write the hold-out into `out`; refuses (ToolkitError) an `out` that equals, contains or lies
     inside the data, or an existing `out` that holdout.py did not make."""
     cli.in_range(val_ratio, 0, 1, "--val_ratio", low_open=True, high_open=True)
+    if kfold == 1 or kfold < 0 or (kfold and not 0 <= fold < kfold):
+        raise cli.UsageError(f"--kfold K (at least 2) takes --fold in 0..K-1; got --kfold {kfold} --fold {fold}")
     check_apart(out, _training_set(data.images_root(data_dir)) + [Path(data_dir)])  # before any work
     samples = data.discover(data_dir, age_bins=age_bins, verbose=False)
     # and where the images really are: a hold-out of a hold-out links to the originals
     check_apart(out, [p for root in sorted({Path(s.path).resolve().parent.parent for s in samples})
                       for p in _training_set(root)])
-    train_idx, val_idx = data.split_by_profile(samples, val_ratio, seed, age_bins)
+    train_idx, val_idx = (data.kfold_split(samples, kfold, fold, seed, age_bins) if kfold
+                          else data.split_by_profile(samples, val_ratio, seed, age_bins))
     if not val_idx:
         people = len({s.person for s in samples})
         raise data.DataError(f"--val_ratio {val_ratio} puts none of the {people} people in the hold-out; raise it")
@@ -79,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"output folder, outside the data; an existing one is replaced only if holdout.py "
                         f"made it (it holds {MARKER})")
     p.add_argument("--val_ratio", type=float, default=0.2, help="share of people in the hold-out, in (0, 1)")
+    p.add_argument("--kfold", type=int, default=0, help="K: hold out fold --fold of a person K-fold instead")
+    p.add_argument("--fold", type=int, default=0, help="with --kfold: which fold (0..K-1) is held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--age_bins", nargs=2, type=int, default=list(data.DEFAULT_AGE_BINS), help="bins of gt.csv labels")
     args = p.parse_args(argv)
-    make_holdout(args.data_dir, args.out, args.val_ratio, args.seed, tuple(args.age_bins))
+    make_holdout(args.data_dir, args.out, args.val_ratio, args.seed, tuple(args.age_bins), args.kfold, args.fold)
     return 0
 
 

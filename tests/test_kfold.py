@@ -104,3 +104,18 @@ def test_fold_not_a_number_or_all(capsys):
     with pytest.raises(SystemExit) as stop:
         train.parse_args(["--kfold", "3", "--fold", "two"])
     assert stop.value.code == 2 and "expected a fold number or all, got 'two'" in capsys.readouterr().err
+
+
+def test_holdout_fold_holds_out_the_people_of_that_fold(cv_run, demo_root, tmp_path):
+    """holdout.py --kfold K --fold i carves the same people train.py --kfold K --fold i validates on,
+    so a whole pipeline can be scored on every fold."""
+    import holdout
+
+    _, parent, _ = cv_run
+    out = holdout.make_holdout(demo_root / "train", tmp_path / "fold1", seed=1, kfold=3, fold=1)
+    held = {p.resolve().parent.name for p in (out / "eval" / "images").iterdir()}
+    assert held == set(pd.read_csv(parent / "fold1" / "val_samples.csv")["person"])
+    trained = {p.name for p in (out / "train" / "images").iterdir()}
+    assert not trained & held and len(trained) + len(held) == len(list((demo_root / "train" / "images").iterdir()))
+    with pytest.raises(UsageError, match="--fold in 0..K-1"):
+        holdout.make_holdout(demo_root / "train", tmp_path / "bad", kfold=3, fold=3)
