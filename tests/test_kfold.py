@@ -119,3 +119,45 @@ def test_holdout_fold_holds_out_the_people_of_that_fold(cv_run, demo_root, tmp_p
     assert not trained & held and len(trained) + len(held) == len(list((demo_root / "train" / "images").iterdir()))
     with pytest.raises(UsageError, match="--fold in 0..K-1"):
         holdout.make_holdout(demo_root / "train", tmp_path / "bad", kfold=3, fold=3)
+
+
+def test_interrupted_cross_validation_resumes_at_its_fold(demo_root, tiny_train_args, tmp_path, monkeypatch):
+    """SIGTERM in fold 1: exit 143 with its last.pth named; --resume <cv>/fold1/last.pth finishes fold 1
+    and trains fold 2, in the same parent MLflow run."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    import cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [a for a in tiny_train_args if a != "none"]
+    args[args.index("--tracking_uri") + 1:args.index("--tracking_uri") + 1] = [uri]
+    base = [*args, "--data_dir", str(demo_root / "train"), "--model_dir", str(tmp_path / "models"),
+            "--kfold", "3", "--fold", "all", "--epochs", "2", "--name", "cv"]
+    real, calls = train.train_one_epoch, []
+
+    def stop_in_fold1_epoch2(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # fold0: epochs 1, 2; fold1: epoch 1, then stopped in epoch 2
+            raise cli.Interrupted(signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_one_epoch", stop_in_fold1_epoch2)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train.main(base) == 143
+    cv = tmp_path / "models" / "cv"
+    last = cv / "fold1" / "last.pth"
+    assert f"continue with --resume {last}" in out.getvalue() and not (cv / "cv.json").exists()
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train.main([*base, "--resume", str(last)]) == 0
+    assert load_checkpoint(last)["epoch_number"] == 2 and (cv / "fold2" / "best_f1.pth").is_file()
+    assert len(json.loads((cv / "cv.json").read_text())["folds"]) == 3
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if r.info.run_name == "cv"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["cv/fold0", "cv/fold1", "cv/fold2"]
+    assert all(r.info.status == "FINISHED" for r in [parent, *children])
