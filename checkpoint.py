@@ -6,6 +6,8 @@ Format `mask-toolkit/1` (a dict):
     format, model {name, num_classes, multihead, heads, options}, task, task_options {age_head},
     classes, age_bins, preprocess {resize, crop, mean, std}, class_offsets, age_cuts,
     args (the run's config: what was asked), resolved (what the run derived from it),
+    label_overrides (the corrections --label_overrides applied: person, image, kind, label, suggested;
+    [] for none; absent in files written before it, read with .get),
     state_dict, epoch (0-based index of the last completed epoch, as PyTorch schedulers count),
     epoch_number (the same epoch as the console printed it: epoch + 1), metrics;
     last.pth adds what --resume needs (state_dict_train, optimizer, scheduler, scaler, ema, rng,
@@ -47,7 +49,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def build_metadata(model_name: str, model_options: dict, task: Task, age_bins: Sequence[int],
-                   preprocess: dict, args: dict, resolved: dict, age_cuts: Sequence[int] | None = None) -> dict:
+                   preprocess: dict, args: dict, resolved: dict, age_cuts: Sequence[int] | None = None,
+                   label_overrides: Sequence[dict] | None = None) -> dict:
     """Everything about a run that inference needs, without weights."""
     return {
         "format": FORMAT,
@@ -61,6 +64,7 @@ def build_metadata(model_name: str, model_options: dict, task: Task, age_bins: S
         "class_offsets": None,
         "age_cuts": list(age_cuts) if age_cuts is not None and task.age_head == "years" else None,
         "args": args, "resolved": resolved,
+        "label_overrides": [dict(o) for o in label_overrides or ()],
     }
 
 

@@ -3,6 +3,7 @@
     SM_GROUND_TRUTH_DIR=gt_dir SM_OUTPUT_DATA_DIR=out_dir python evaluation.py
     python evaluation.py --gt gt.csv --pred output.csv [--json]
     python evaluation.py --gt gt_dir --pred out_dir        # folders holding gt.csv / output.csv
+    python evaluation.py --gt gt.csv --pred output/output.csv --images eval/   # + output/errors.png
 
 Both files are CSVs with the columns `ImageID,ans` (other columns are ignored). Rows are paired by
 ImageID, never by position, so the prediction file may be in any order. Prints accuracy, macro F1
@@ -148,6 +149,52 @@ def evaluate_files(gt_path: str | os.PathLike, pred_path: str | os.PathLike) -> 
     return scores(y_true, y_pred)
 
 
+def read_probs(path: Path, ids: Sequence[str]) -> np.ndarray:
+    """[len(ids), 18] probabilities from inference.py's <stem>_probs.csv (ImageID,p0..p17), in `ids` order."""
+    if not path.is_file():
+        raise EvaluationError("no probabilities for the error gallery (inference.py writes output_probs.csv beside "
+                              "output.csv; or pass --probs)", path)
+    columns = [f"p{c}" for c in range(NUM_CLASSES)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            missing = [c for c in (ID_COL, *columns) if c not in header]
+            if missing:
+                raise EvaluationError(f"missing column {', '.join(missing[:3])} (expected ImageID,p0..p17)", path)
+            where = [header.index(c) for c in columns]
+            table = {row[header.index(ID_COL)].strip(): [float(row[k]) for k in where] for row in reader if row}
+    except EvaluationError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, IndexError) as e:
+        raise EvaluationError(f"cannot read probabilities: {type(e).__name__}", path) from None
+    absent = [i for i in ids if i not in table]
+    if absent:
+        raise EvaluationError(f"{len(absent)} ImageID(s) of the ground truth have no probabilities, "
+                              f"first {absent[0]!r}", path)
+    return np.array([table[i] for i in ids], dtype=np.float64)
+
+
+def error_gallery(images: str, pred: Path, probs_file: str | None, out: str | None, ids: Sequence[str],
+                  y_true: np.ndarray, y_pred: np.ndarray, age_bins: Sequence[int]) -> Path:
+    """errors.png: per true class, the most confident mistakes (gallery.py); returns where it went."""
+    from gallery import error_rows, save_error_gallery
+
+    root = Path(images)
+    if not root.is_dir():
+        raise EvaluationError("--images is not a folder", images)
+    root = root / "images" if (root / "images").is_dir() else root
+    probs = read_probs(Path(probs_file) if probs_file else pred.with_name(f"{pred.stem}_probs.csv"), ids)
+    paths = [str(root / i) for i in ids]
+    shown = [c.path for r in error_rows(paths, y_true, y_pred, probs, metrics.class_names("all", age_bins)) for c in r.cells]
+    missing = [p for p in shown if not os.path.isfile(p)]
+    if missing:
+        raise EvaluationError(f"{len(missing)} image(s) of the gallery not found, first {missing[0]}", images)
+    target = Path(out) if out else pred.parent / "errors.png"
+    save_error_gallery(target, paths, y_true, y_pred, probs, "all", age_bins, title=pred.name)
+    return target
+
+
 def _default_path(env: str, name: str) -> str | None:
     root = os.environ.get(env)
     return os.path.join(root, name) if root else None
@@ -164,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: $SM_OUTPUT_DATA_DIR/output.csv)")
     parser.add_argument("--json", action="store_true",
                         help="print only one JSON object (accuracy, f1, f1_mask, f1_gender, f1_age, ...) on stdout")
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help="the evaluation images (the eval folder holding images/, or images/ itself): also draw "
+                             "the error gallery, each class's most confident mistakes, from the probabilities "
+                             "inference.py writes beside the predictions (output_probs.csv)")
+    parser.add_argument("--probs", default=None, metavar="FILE",
+                        help="with --images: the probabilities CSV, ImageID,p0..p17 (default <pred>_probs.csv beside --pred)")
+    parser.add_argument("--gallery", default=None, metavar="FILE",
+                        help="with --images: where the error gallery goes (default errors.png beside the predictions)")
     parser.add_argument("--age_bins", nargs=2, type=int, default=list(metrics.DEFAULT_AGE_BINS),
                         metavar=("LOW", "HIGH"),
                         help="age cut points the labels were made with; only names the classes (default: 30 60)")
@@ -184,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvaluationError("no predictions: pass --pred or set SM_OUTPUT_DATA_DIR")
         gt, pred = csv_path(gt, "gt.csv"), csv_path(pred, "output.csv")
         ids, y_true, y_pred = load_labels(gt, pred)
+        if (args.gallery or args.probs) and not args.images:
+            raise EvaluationError("--gallery and --probs draw the error gallery, which needs --images DIR "
+                                  "(the evaluation images)")
+        gallery = error_gallery(args.images, pred, args.probs, args.gallery, ids, y_true, y_pred,
+                                args.age_bins) if args.images else None
     except EvaluationError as e:  # here too, not only in cli.run: in-process callers get the code
         cli.error(e)
         return EXIT_BAD_INPUT
@@ -204,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(metrics.per_class_table(y_true, y_pred, "all", args.age_bins))
     print("\nconfusion matrix:")
     print(metrics.confusion_matrix_text(y_true, y_pred, NUM_CLASSES))
+    if gallery is not None:
+        print(f"\nerror gallery (most confident mistakes per true class): {gallery}")
     return 0
 
 

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader workers (default: none with --cache, where decoding is done once, else from the CPU count)")
     g.add_argument("--skip_bad_images", type=str2bool, default=False, nargs="?", const=True,
                    help="warn about and drop unreadable/truncated images instead of stopping")
+    g.add_argument("--label_overrides", default=None, metavar="FILE",
+                   help="label corrections without renaming data: an audit.csv of audit.py, the rows you confirmed "
+                        "(gender/age per person, mask swaps, dropped images); recorded in the checkpoints")
     g = p.add_argument_group("model and loss")
     g.add_argument("--model", default="SmallCNN",
                    help="a model.py name (SmallCNN, BaseModel, ResNet18, EfficientNetLite0, ...) or timm:<name> (default SmallCNN)")
@@ -249,6 +252,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--fold all resumes from a fold's last.pth (<run>/fold<i>/last.pth), got {args.resume}")
     if min(args.head_weights) < 0:
         raise UsageError(f"--head_weights must be >= 0, got {args.head_weights}")
+    if args.label_overrides:
+        data.read_label_overrides(args.label_overrides)  # the file's own faults, before any work
 
 
 @dataclass
@@ -430,10 +435,13 @@ class Data:
     sampler: EpochSampler
     val_order: list[int]  # this rank's validation rows, in loader order
     augmentation: Any
+    label_overrides: list[dict] = field(default_factory=list)  # applied by discover; stored in the checkpoints
 
 
 def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin_memory: bool) -> Data:
-    samples = data.discover(s.data_dir, skip_bad_images=args.skip_bad_images, age_bins=s.age_bins, verbose=is_main())
+    overrides = data.read_label_overrides(args.label_overrides) if args.label_overrides else None
+    samples = data.discover(s.data_dir, skip_bad_images=args.skip_bad_images, age_bins=s.age_bins, verbose=is_main(),
+                            label_overrides=overrides)
     if args.mode == "all":
         train_idx, val_idx = list(range(len(samples))), []
     else:
@@ -461,7 +469,8 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     val_order = list(range(rank, len(val_set), world))  # exact shards: no padding, nothing dropped
     val_loader = data.make_loader(val_set, args.valid_batch_size, sampler=val_order, num_workers=s.num_workers,
                                   pin_memory=pin_memory) if val_idx else None
-    return Data(samples, store, train_set, val_set, train_loader, val_loader, sampler, val_order, augmentation)
+    return Data(samples, store, train_set, val_set, train_loader, val_loader, sampler, val_order, augmentation,
+                overrides.records() if overrides else [])
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -711,9 +720,11 @@ def report_validation(val: Validation, truth: np.ndarray, task: Task, age_bins, 
 
 
 def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, val_set, task: Task, age_bins,
-                             tracker) -> None:
-    """For the best-F1 epoch: confusion matrix, per-class CSV and the out-of-fold material that
-    calibrate.py (decision rule), audit.py (label audit) and the error gallery read."""
+                             tracker, writer=None, epoch: int = 0) -> None:
+    """For the best-F1 epoch: confusion matrix, per-class CSV, the error gallery (errors.png, also to
+    TensorBoard via `writer`) and the out-of-fold material that calibrate.py (decision rule) and
+    audit.py (label audit) read."""
+    from gallery import save_error_gallery
     from metrics import save_confusion_matrix_png, write_per_class_csv
 
     save_confusion_matrix_png(run_dir / "confusion_matrix.png", truth, val.pred, task.report_task, age_bins)
@@ -726,7 +737,12 @@ def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, 
     csv.writer(table, lineterminator="\n").writerows([("path", "person", "kind", "age"),
                                                       *((r.path, r.person, r.kind, r.age) for r in rows)])
     atomic_write_text(run_dir / "val_samples.csv", table.getvalue())
-    for name in ("confusion_matrix.png", "per_class.csv"):
+    pixels = save_error_gallery(run_dir / "errors.png", [r.path for r in rows], truth, val.pred, val.probs,
+                                task.report_task, age_bins, title=f"{run_dir.name} epoch {epoch + 1}",
+                                people=[r.person for r in rows])
+    if writer is not None:
+        writer.add_image("errors", pixels, epoch, dataformats="HWC")
+    for name in ("confusion_matrix.png", "per_class.csv", "errors.png"):
         tracker.log_artifact(run_dir / name)
 
 
@@ -813,7 +829,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
             saver = CheckpointSaver(run_dir, build_metadata(
                 args.model, s.model_options, task, s.age_bins,
                 {"resize": s.resize, "crop": d.augmentation.crop, "mean": s.mean, "std": s.std},
-                args=vars(args), resolved=s.to_dict(), age_cuts=s.score_age_bins))
+                args=vars(args), resolved=s.to_dict(), age_cuts=s.score_age_bins, label_overrides=d.label_overrides))
             eval_model = opt.ema.module if opt.ema is not None else model
             if is_main():
                 atomic_write_text(run_dir / "config.json", json.dumps({**vars(args), "resolved": s.to_dict()}, indent=2))
@@ -848,7 +864,8 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                             saver.save("best.pth", eval_model.state_dict(), epoch, metrics)
                         if is_main() and best["improved_f1"]:
                             saver.save("best_f1.pth", eval_model.state_dict(), epoch, metrics)
-                            write_validation_outputs(run_dir, val, truth, d.val_set, task, s.score_age_bins, tracker)
+                            write_validation_outputs(run_dir, val, truth, d.val_set, task, s.score_age_bins, tracker,
+                                                     writer, epoch)
                         if opt.scheduler is not None and not opt.per_step_scheduler:
                             opt.scheduler.step(metrics["val_f1"])
                     if is_main():
