@@ -8,6 +8,7 @@ The offsets are fitted by coordinate ascent on out-of-fold validation probabilit
 in the checkpoints as `class_offsets`, and applied by inference.py.
 
     python calibrate.py --runs model/fold0 model/fold1 model/fold2 --write
+    python calibrate.py --runs model/cv --write --tracking_uri http://server:5000 --run_id checkpoint
 
 With several runs (K folds) it also reports a cross-validated estimate: offsets fitted on
 the other folds, scored on the held-out one, so the gain it prints is not self-graded. It does so
@@ -16,6 +17,11 @@ only when the runs' validation people (val_samples.csv) are disjoint.
 Models with a `years` age head (--age_head years) predict a survival curve P(age >= t); the cut
 points that turn it into the three age groups are fitted here too (`age_cuts` in the checkpoint),
 before the offsets: the "train with 58" trick as a fitted threshold, not another model.
+
+With `--tracking_uri` (off by default) the result goes to MLflow: metrics calibrate_f1_argmax /
+calibrate_f1_rule (and calibrate_cv_* when cross-validated), calibrate_offset_class_00..,
+calibrate_age_cut_low/high, and the artifact calibration.json; `--run_id checkpoint` logs into the
+training run of the runs (the parent run of a --fold all folder).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import cli
 from checkpoint import CheckpointError, expand_runs, load_checkpoint, resolve_state_path, set_decision
 from metrics import macro_f1
 from task import AGE_THRESHOLDS, Task, decide, log_probs, task_of
+from tracking import add_tracking_flags, class_metrics, step_tracker
 
 GRID = np.linspace(-3.0, 3.0, 61)
 
@@ -186,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="coordinate: one offset per class (coordinate ascent); prior: -alpha * log(class frequency)")
     p.add_argument("--age_cuts", choices=["fit", "keep"], default="fit",
                    help="models with a years age head: fit the cut points for macro F1 (fit) or keep the trained ones")
+    add_tracking_flags(p, checkpoint_run=True)
     args = p.parse_args(argv)
     runs = [run for group in expand_runs(args.runs) for run in group]
     if args.write:
@@ -194,10 +202,32 @@ def main(argv: list[str] | None = None) -> int:
     oofs = [load_oof(r, args.state) for r in runs]
     if len({o.probs.shape[1] for o in oofs}) != 1:
         raise CheckpointError("runs have different numbers of classes: " + ", ".join(str(r) for r in runs))
+
+    def training_run(client) -> str:  # --run_id checkpoint
+        from serving import training_run
+        return training_run(runs, client)
+
+    tracker = step_tracker(args, "calibrate", {"runs": [str(r) for r in runs], "state": args.state, "method": args.method,
+                                               "age_cuts": args.age_cuts, "write": args.write}, training_run)
+    with tracker:
+        record = calibrate(args, runs, oofs)
+        tracker.log_metrics({k: v for k, v in record.items() if k.startswith("calibrate_")}, step=0)
+        tracker.log_dict(record, "calibration.json")
+    return 0
+
+
+def calibrate(args: argparse.Namespace, runs: list[Path], oofs: list[OutOfFold]) -> dict:
+    """Fit, report and (--write) store the rule; returns what tracking logs."""
     rule = fit_rule(oofs, args.method, args.age_cuts == "fit")
     n = sum(len(o.labels) for o in oofs)
+    plain, fitted = float(score_rule(oofs, None)), float(score_rule(oofs, rule))
+    record = {"method": args.method, "runs": [str(r) for r in runs], "predictions": n,
+              "offsets": rule.offsets.tolist(), "age_cuts": list(rule.cuts) if rule.cuts is not None else None,
+              "calibrate_f1_argmax": plain, "calibrate_f1_rule": fitted, **class_metrics("calibrate_offset", rule.offsets)}
+    if rule.cuts is not None:
+        record.update(calibrate_age_cut_low=rule.cuts[0], calibrate_age_cut_high=rule.cuts[1])
     print(f"{n} out-of-fold predictions from {len(runs)} run(s)")
-    print(f"macro F1 arg-max {score_rule(oofs, None):.4f} -> with the fitted rule {score_rule(oofs, rule):.4f} "
+    print(f"macro F1 arg-max {plain:.4f} -> with the fitted rule {fitted:.4f} "
           "(fitted and scored on the same predictions)")
     shared = overlapping_people(oofs)
     if len(runs) > 1 and shared:
@@ -210,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, fold in enumerate(oofs):
             fold_rule = fit_rule([o for j, o in enumerate(oofs) if j != i], args.method, args.age_cuts == "fit")
             held.append((score_rule([fold], None), score_rule([fold], fold_rule)))
-        plain, tuned = np.mean(held, axis=0)
-        print(f"cross-validated (fit on the other runs, score on each): arg-max {plain:.4f} -> rule {tuned:.4f}")
+        cv_plain, cv_tuned = np.mean(held, axis=0)
+        record.update(calibrate_cv_f1_argmax=float(cv_plain), calibrate_cv_f1_rule=float(cv_tuned))
+        print(f"cross-validated (fit on the other runs, score on each): arg-max {cv_plain:.4f} -> rule {cv_tuned:.4f}")
     if rule.cuts is not None:
         print(f"age cut points: {rule.cuts[0]} {rule.cuts[1]} (labels keep their own age bins)")
     print("offsets: " + " ".join(f"{c}:{v:+.1f}" for c, v in enumerate(rule.offsets)))
@@ -221,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             set_decision(path, rule.offsets.tolist(), rule.cuts if task_of(load_checkpoint(path)).age_head == "years"
                          else None)
             print(f"wrote the decision rule into {path}")
-    return 0
+    return record
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@
     python evaluation.py --gt gt.csv --pred output.csv [--json]
     python evaluation.py --gt gt_dir --pred out_dir        # folders holding gt.csv / output.csv
     python evaluation.py --gt gt.csv --pred output/output.csv --images eval/   # + output/errors.png
+    python evaluation.py ... --tracking_uri http://server:5000 [--run_id <training run>]   # log the scores
 
 Both files are CSVs with the columns `ImageID,ans` (other columns are ignored). Rows are paired by
 ImageID, never by position, so the prediction file may be in any order. Prints accuracy, macro F1
 over the 18 classes (the competition's scorer, see metrics.py), F1 of the mask, gender, age and
 gender-age sub-tasks, the per-class report and the confusion matrix. With `--json` stdout holds
-exactly one JSON object instead.
+exactly one JSON object instead. With `--tracking_uri` the scores are logged to MLflow (holdout_f1,
+holdout_accuracy, holdout_f1_mask/gender/age/genderage, holdout_f1_class_00..17), in a new run or,
+with `--run_id`, in an existing one (e.g. the training run of the model that made the predictions).
 
 Exit codes: 0 scored; 2 bad input (missing file or path, unreadable CSV, missing column, empty or
 duplicate ImageID, ImageIDs missing from or extra in the predictions, a label that is not an integer
@@ -23,6 +26,7 @@ import csv
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +35,7 @@ import numpy as np
 import cli
 import metrics
 from task import NUM_CLASSES
+from tracking import add_tracking_flags, class_metrics, step_tracker
 
 ID_COL, LABEL_COL = "ImageID", "ans"
 EXIT_BAD_INPUT = 2
@@ -222,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--age_bins", nargs=2, type=int, default=list(metrics.DEFAULT_AGE_BINS),
                         metavar=("LOW", "HIGH"),
                         help="age cut points the labels were made with; only names the classes (default: 30 60)")
+    add_tracking_flags(parser)
     return parser
 
 
@@ -249,8 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
     score = scores(y_true, y_pred)
+    rows = metrics.per_class_rows(y_true, y_pred, "all", args.age_bins)
+    with step_tracker(args, "evaluation", {"gt": gt, "pred": pred, "images": len(ids)},
+                      announce_to=sys.stderr if args.json else None) as tracker:
+        tracker.log_metrics({**{f"holdout_{k}": v for k, v in score.items() if k != "n"},
+                             **class_metrics("holdout_f1", [r["f1"] for r in rows])}, step=0)
     if args.json:
-        rows = metrics.per_class_rows(y_true, y_pred, "all", args.age_bins)
         cm = metrics.confusion_counts(y_true, y_pred, NUM_CLASSES)
         print(json.dumps({**score, "gt": str(gt), "pred": str(pred), "per_class": rows,
                           "confusion_matrix": cm.tolist()}))

@@ -3,6 +3,7 @@
     python inference.py --data_dir eval/ --model_dir model/exp            # output.csv + output_probs.csv
     python inference.py --model_dir model/fold0 model/fold1 model/fold2   # soft vote
     python inference.py --isEnsemble True --mask_model_dir model/mask --genderage_model_dir model/ga
+    python inference.py ... --tracking_uri http://server:5000 --run_id checkpoint   # log into the training run
 
 Everything about preprocessing (size, crop, normalisation), the model and its classes
 comes from the checkpoint, so nothing here can disagree with training.
@@ -24,6 +25,7 @@ from checkpoint import (CheckpointError, build_model, check_state_name, decision
                         load_checkpoint, resolve_state_path)
 from fileio import atomic_write_text
 from task import NUM_CLASSES, decide, task_of
+from tracking import add_tracking_flags, class_metrics, step_tracker
 
 
 class InferenceError(cli.ToolkitError, ValueError):
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_model_dir", default=None)
     p.add_argument("--genderage_model_dir", default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    add_tracking_flags(p, checkpoint_run=True)  # logs the parameters and the predicted class counts
     return p
 
 
@@ -198,19 +201,32 @@ def main(argv: list[str] | None = None) -> int:
             raise InferenceError(f"{reason}: {p}")
     run = dict(batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta, device=device,
                cache_dir=args.cache_dir)
-    print(f"{len(paths)} images from {args.data_dir}, device {device}, tta {args.tta}")
+    models = [args.mask_model_dir, args.genderage_model_dir] if args.isEnsemble else args.model_dir
 
-    if args.isEnsemble:
-        p_mask, p_ga, probs = mask_genderage_pair(args.mask_model_dir, args.genderage_model_dir, args.state, paths, **run)
-        write_outputs(info, p_mask, p_mask.argmax(1), out_dir, "output_mask")
-        write_outputs(info, p_ga, p_ga.argmax(1), out_dir, "output_genderAge")
-        pred = probs.argmax(1)
-        write_outputs(info, probs, pred, out_dir, "output_ensemble")
-    else:
-        probs, pred, _, _ = soft_vote(args.model_dir, args.state, paths, args.weights, args.offsets, **run)
-    written = write_outputs(info, probs, pred, out_dir, "output")
-    print(class_count_summary(pred, probs.shape[1]))
-    print(f"wrote {written} and {written.with_name(written.stem + '_probs.csv')}")
+    def training_run(client) -> str:  # --run_id checkpoint
+        from serving import training_run
+        return training_run(models, client)
+
+    tracker = step_tracker(args, "inference", {"data_dir": args.data_dir, "model_dir": models, "state": args.state,
+                                               "weights": args.weights, "tta": args.tta, "offsets": args.offsets,
+                                               "isEnsemble": args.isEnsemble, "images": len(paths)}, training_run)
+    print(f"{len(paths)} images from {args.data_dir}, device {device}, tta {args.tta}")
+    with tracker:
+        if args.isEnsemble:
+            p_mask, p_ga, probs = mask_genderage_pair(args.mask_model_dir, args.genderage_model_dir, args.state, paths,
+                                                      **run)
+            write_outputs(info, p_mask, p_mask.argmax(1), out_dir, "output_mask")
+            write_outputs(info, p_ga, p_ga.argmax(1), out_dir, "output_genderAge")
+            pred = probs.argmax(1)
+            write_outputs(info, probs, pred, out_dir, "output_ensemble")
+        else:
+            probs, pred, _, _ = soft_vote(args.model_dir, args.state, paths, args.weights, args.offsets, **run)
+        written = write_outputs(info, probs, pred, out_dir, "output")
+        print(class_count_summary(pred, probs.shape[1]))
+        print(f"wrote {written} and {written.with_name(written.stem + '_probs.csv')}")
+        tracker.log_metrics({"inference_images": len(pred),
+                             **class_metrics("inference_predicted", np.bincount(pred, minlength=probs.shape[1]))},
+                            step=0)
     return 0
 
 

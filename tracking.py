@@ -1,4 +1,5 @@
-"""Small, failure-tolerant MLflow wrapper used by train.py.
+"""Small, failure-tolerant MLflow wrapper used by train.py (and, with --tracking_uri, by
+evaluation.py, inference.py and calibrate.py: `add_tracking_flags` + `step_tracker`).
 
 One Tracker = one MLflow run. Design choices:
 - MlflowClient only (no fluent API), so no global "active run" leaks between Trackers.
@@ -6,6 +7,10 @@ One Tracker = one MLflow run. Design choices:
   training); a failure later only prints one warning and the Tracker becomes a no-op, so a
   tracking outage never costs a training run.
 - mlflow is imported lazily: a disabled Tracker (other ranks, `--tracking_uri none`) costs nothing.
+- A training run records MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py)
+  every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10) from start() to finish().
+- An evaluation step may attach to an existing run (e.g. the training run of its checkpoint): it
+  adds metrics, tags and artifacts there and leaves the run's status and end time alone.
 """
 from __future__ import annotations
 
@@ -17,13 +22,15 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TextIO, TypeVar
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "mask-classification"  # train.py's default too
 DISABLED_URIS = {"none", "off", "disabled"}
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 REACHABILITY_TIMEOUT_S = 5.0
@@ -38,10 +45,27 @@ HTTP_ENV_DEFAULTS = {
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE_LEN = 6000
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins
+SYSTEM_METRICS_STOP_TIMEOUT_S = 10.0  # finish() waits at most this long for the sampler's last flush
+T = TypeVar("T")
 
 
 class TrackingError(RuntimeError):
     """Tracking cannot start; the message is one line meant for the user."""
+
+
+def check_model_name(name: str, flag: str = "--register_model") -> str:
+    """A Model Registry name as MLflow accepts it (checked before any work)."""
+    from cli import UsageError
+
+    if not name.strip() or any(c in name for c in "/:") or name.strip() in (".", ".."):
+        raise UsageError(f"{flag} must be a model name without '/' or ':', e.g. mask-classifier; got {name!r}")
+    return name
+
+
+def class_metrics(prefix: str, values) -> dict[str, float]:
+    """One metric per class, named so that they sort: `holdout_f1_class_03`."""
+    return {f"{prefix}_class_{c:02d}": float(v) for c, v in enumerate(values)}
 
 
 def resolve_tracking_uri(cli_uri: str | None) -> str:
@@ -75,7 +99,7 @@ def resolve_user(cli_user: str | None) -> str | None:
         return None
 
 
-def _is_disabled_uri(uri: str | None) -> bool:
+def tracking_disabled(uri: str | None) -> bool:
     return uri is None or uri.strip().lower() in DISABLED_URIS
 
 
@@ -149,17 +173,23 @@ class Tracker:
     """One MLflow run; every method is a no-op when disabled or after tracking was lost."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, user: str | None,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, system_metrics: bool = True, announce_to: TextIO | None = None) -> None:
+        """`system_metrics`: sample CPU/memory/GPU into the run (training runs); `announce_to`: where
+        the run's link is printed (default stdout)."""
         self.uri = uri
         self.experiment = experiment
         self.run_name = run_name
         self.user = user
-        self.enabled = enabled and not _is_disabled_uri(uri)
+        self.enabled = enabled and not tracking_disabled(uri)
+        self.system_metrics = system_metrics
+        self.announce_to = announce_to
         self._client = None
         self._run_id: str | None = None
         self._experiment_id: str | None = None
         self._lost = False
         self._finished = False
+        self._attached = False
+        self._monitor = None
 
     @property
     def run_id(self) -> str | None:
@@ -174,10 +204,14 @@ class Tracker:
         return self._run_id is not None and not self._lost and not self._finished
 
     # ---- start -------------------------------------------------------------------------------
-    def start(self, params: dict, resume_run_id: str | None = None, parent: "Tracker | None" = None) -> None:
+    def start(self, params: dict, resume_run_id: str | None = None, parent: "Tracker | None" = None,
+              attach_run_id: str | Callable[[Any], str | None] | None = None) -> None:
         """Open the run (or join the one `mlflow run` created) and log every param. With `parent`
         (an active Tracker), the run is its child: same experiment, tag mlflow.parentRunId, shown
-        nested under it in the UI (the folds of a cross-validation).
+        nested under it in the UI (the folds of a cross-validation). With `attach_run_id`, log into
+        that existing run without changing its status; `params` become tags there (params are
+        write-once, and an evaluation may be repeated). It may be a function of the MlflowClient
+        (called once the server is known to answer); when that returns None, a new run is made.
 
         Raises TrackingError with a one-line message if tracking cannot start."""
         if not self.enabled or self._run_id is not None:
@@ -197,7 +231,11 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=self.uri)
             parent = parent if parent is not None and parent.active else None
             parent_run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
-            if parent_run_id and parent is None:
+            if callable(attach_run_id):
+                attach_run_id = attach_run_id(self._client)
+            if attach_run_id:
+                self._attach(attach_run_id)
+            elif parent_run_id and parent is None:
                 self._join_run(parent_run_id)
             elif resume_run_id:  # --resume: continue the interrupted run's metric history
                 try:
@@ -208,7 +246,12 @@ class Tracker:
                     self._create_run(parent)
             else:
                 self._create_run(parent)
-            self._log_params(params)
+            if self._attached:
+                from mlflow.entities import RunTag
+
+                self._client.log_batch(self._run_id, tags=[RunTag(k, _param_str(v)) for k, v in params.items()])
+            else:
+                self._log_params(params)
         except TrackingError:
             self._run_id = None
             raise
@@ -220,7 +263,46 @@ class Tracker:
             ) from None
         where = (f"{self.uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
                  if _is_http(self.uri) else f"{self.uri} (experiment id {self._experiment_id})")
-        print(f"MLflow run {self._run_id}: {where}", flush=True)
+        print(f"MLflow run {self._run_id}: {where}", file=self.announce_to or sys.stdout, flush=True)
+        if self.system_metrics and not self._attached:
+            self._start_system_metrics(resume=bool(resume_run_id or parent_run_id))
+
+    def _attach(self, run_id: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as exc:
+            raise TrackingError(f"--run_id {run_id} is not a run on {self.uri} ({_one_line(exc, 150)})") from None
+        self._run_id, self._experiment_id, self._attached = run.info.run_id, run.info.experiment_id, True
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """MLflow's sampler thread (CPU, memory, disk, network; GPU where nvidia-ml-py finds one).
+        Best effort: without psutil, or if it fails to start, the run goes on without it."""
+        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0"):
+            return  # MLflow's own switch, set to off explicitly
+        # Its thread logs retries and flush errors itself; our own calls report an outage once.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self._run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                                 resume_logging=resume, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:  # e.g. psutil missing
+            self._monitor = None
+            print(f"warning: MLflow system metrics are not recorded ({_one_line(exc, 150)})",
+                  file=sys.stderr, flush=True)
+
+    def _stop_system_metrics(self) -> None:
+        """Stop the sampler and flush its last samples; bounded, and not waited for once tracking is
+        lost (its flush would only time out)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        stopper = threading.Thread(target=monitor.finish, name="stop-system-metrics", daemon=True)
+        stopper.start()
+        stopper.join(timeout=0 if self._lost else SYSTEM_METRICS_STOP_TIMEOUT_S)
 
     def _join_run(self, run_id: str) -> None:
         """Under `mlflow run`: log into its run and experiment, whatever `experiment` says."""
@@ -329,6 +411,21 @@ class Tracker:
         except Exception as exc:
             self._lose(exc)
 
+    def call(self, step: Callable[[Any, str], T]) -> T | None:
+        """Run `step(client, run_id)` as one tracking step (e.g. logging a model): skipped when
+        inactive; an exception loses tracking with the one warning, so it never costs the caller."""
+        if not self.active:
+            return None
+        try:
+            return step(self._client, self._run_id)
+        except Exception as exc:
+            self._lose(exc)
+            return None
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        """A JSON artifact `name` made from `obj` (no file of ours needed)."""
+        self.call(lambda client, run_id: client.log_dict(run_id, obj, name))
+
     def log_artifact(self, path: str | Path) -> None:
         if not self.active:
             return
@@ -352,6 +449,9 @@ class Tracker:
         if self._run_id is None or self._finished:
             return
         self._finished = True
+        self._stop_system_metrics()
+        if self._attached:
+            return  # someone else's run: its status and end time stay as they were
         try:
             if self._lost:
                 # One quiet best-effort attempt (a dead server fails on the first call) so a
@@ -378,3 +478,58 @@ class Tracker:
         else:
             self.finish("FAILED")
         return False
+
+
+# ---- evaluation steps (evaluation.py, inference.py, calibrate.py): off unless --tracking_uri is given
+CHECKPOINT_RUN = "checkpoint"
+
+
+def add_tracking_flags(parser, checkpoint_run: bool = False) -> None:
+    """--tracking_uri (off by default: a submission needs no server), --experiment, --run_name,
+    --run_id, --user. `checkpoint_run`: the script knows a model, so `--run_id checkpoint` means the
+    training run recorded in its checkpoint (a --fold all folder: the parent run)."""
+    g = parser.add_argument_group("MLflow tracking (off unless --tracking_uri is given)")
+    g.add_argument("--tracking_uri", default=None,
+                   help="log this step's results to MLflow at URI (e.g. http://server:5000, sqlite:///mlflow.db); "
+                        "default: nothing is logged and no server is needed")
+    g.add_argument("--experiment", default=None,
+                   help=f"experiment of a new run (default $MLFLOW_EXPERIMENT_NAME, else {DEFAULT_EXPERIMENT})")
+    g.add_argument("--run_name", default=None, help="name of the new run (default: the script's name)")
+    g.add_argument("--run_id", default=None,
+                   help="log into this existing run instead of a new one (e.g. the training run, printed by train.py)"
+                        + (f"; '{CHECKPOINT_RUN}': the training run recorded in the model's last.pth" if checkpoint_run
+                           else ""))
+    g.add_argument("--user", default=None, help="tag 'user' of a new run (default $USER, else the account name)")
+
+
+def step_tracker(args, script: str, params: dict, checkpoint_run: Callable[[Any], str] | None = None,
+                 announce_to: TextIO | None = None) -> Tracker:
+    """The started Tracker of an evaluation step: disabled without --tracking_uri; else a new run
+    (`--run_name`, default `script`) or the existing `--run_id` (`checkpoint_run(client)` resolves
+    --run_id checkpoint, raising a ToolkitError when no run is recorded). Params are prefixed with
+    `script` so they never collide with a training run's. Bad flags, an unknown run or an
+    unreachable server: cli.UsageError (one line, exit 2) before any work."""
+    from cli import ToolkitError, UsageError
+
+    if args.tracking_uri is None or tracking_disabled(args.tracking_uri):
+        given = [f"--{k}" for k in ("run_id", "run_name", "experiment") if getattr(args, k)]
+        if given and args.tracking_uri is None:
+            raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --tracking_uri "
+                             "(tracking is off by default)")
+        return Tracker("none", "", script, None, enabled=False)
+    if args.run_id and args.run_name:
+        raise UsageError("--run_id logs into an existing run, --run_name names a new one: give one of them")
+    run_id = args.run_id
+    if run_id == CHECKPOINT_RUN and checkpoint_run is not None:
+        def run_id(client) -> str:  # called once the server answers
+            try:
+                return checkpoint_run(client)
+            except ToolkitError as e:
+                raise TrackingError(str(e)) from None
+    tracker = Tracker(args.tracking_uri.strip(), resolve_experiment(args.experiment, DEFAULT_EXPERIMENT),
+                      args.run_name or script, resolve_user(args.user), system_metrics=False, announce_to=announce_to)
+    try:
+        tracker.start({f"{script}.{k}": v for k, v in params.items()}, attach_run_id=run_id)
+    except TrackingError as e:
+        raise UsageError(str(e)) from None
+    return tracker

@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else {DEFAULT_EXPERIMENT})")
     g.add_argument("--tracking_uri", default=None,
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db); 'none' disables")
+    g.add_argument("--register_model", default=None, metavar="NAME",
+                   help="register the run's MLflow model (runs:/<run_id>/model) as a new version of NAME in the "
+                        "Model Registry (default: logged, not registered)")
     return p
 
 
@@ -252,6 +255,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--fold all resumes from a fold's last.pth (<run>/fold<i>/last.pth), got {args.resume}")
     if min(args.head_weights) < 0:
         raise UsageError(f"--head_weights must be >= 0, got {args.head_weights}")
+    if args.register_model is not None:
+        from tracking import check_model_name, resolve_tracking_uri, tracking_disabled
+
+        check_model_name(args.register_model)
+        if tracking_disabled(resolve_tracking_uri(args.tracking_uri)):
+            raise UsageError("--register_model needs MLflow tracking; drop --tracking_uri none")
     if args.label_overrides:
         data.read_label_overrides(args.label_overrides)  # the file's own faults, before any work
 
@@ -882,6 +891,9 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
             finally:
                 if writer is not None:
                     writer.close()
+            if is_main() and parent is None and tracker.active:  # a fold's model is in its parent's soft vote
+                from serving import log_model
+                log_model(tracker, run_dir, args.register_model)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the tracker ended the run as KILLED
         # Only the exit code leaves: the exception's traceback would keep the DataLoader (and its
         # workers, which ignore SIGTERM) alive until interpreter exit, which then waits for them.
@@ -964,6 +976,9 @@ def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: 
         atomic_write_text(parent_dir / "cv.json", json.dumps(summary, indent=2))
         parent.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, step=0)
         parent.log_artifact(parent_dir / "cv.json")
+        if parent.active:  # one model: the soft vote of every fold's best_f1.pth
+            from serving import log_model
+            log_model(parent, parent_dir, args.register_model)
         log(cv_report(summary, args.kfold) + f"\n  folds in {parent_dir}; predict with all of them: "
             f"python inference.py --model_dir {parent_dir} --data_dir <eval folder>")
     return summary

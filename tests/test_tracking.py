@@ -1,6 +1,7 @@
 """tracking.Tracker against a live `mlflow server` (and the default local sqlite store)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -219,3 +220,60 @@ def test_sqlite_store_elsewhere_keeps_artifacts_next_to_it(tmp_path, monkeypatch
 def test_finish_rejects_unknown_status():
     with pytest.raises(ValueError, match="FINISHED"):
         tracking.Tracker("none", "e", "r", None).finish("DONE")
+
+
+def _samplers() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor" and t.is_alive()]
+
+
+@pytest.mark.parametrize("ending,status", [(None, "FINISHED"), (RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_system_metrics_sampled_and_stopped_on_every_exit(ending, status, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    tracker = tracking.Tracker(mlflow_server, "exp-system", f"run-{status}", "gina")
+    with contextlib.suppress(RuntimeError, KeyboardInterrupt):
+        with tracker:
+            tracker.start(_params())
+            assert len(_samplers()) == 1
+            time.sleep(1.2)
+            if ending is not None:
+                raise ending("stopped")
+    assert _samplers() == []  # stopped with the run, whatever ended it
+    run = MlflowClient(mlflow_server).get_run(tracker.run_id)
+    assert run.info.status == status
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+
+
+def test_user_tag_without_USER_and_no_sampler_when_not_asked(mlflow_server, monkeypatch):
+    import getpass
+
+    monkeypatch.delenv("USER", raising=False)  # containers, CI, notebooks on shared servers
+    tracker = tracking.Tracker(mlflow_server, "exp-no-user", "run", tracking.resolve_user(None), system_metrics=False)
+    tracker.start(_params())
+    assert _samplers() == []
+    tracker.finish()
+    run = MlflowClient(mlflow_server).get_run(tracker.run_id)
+    assert run.data.tags["user"] == getpass.getuser() and run.data.tags["user"]
+    assert not any(key.startswith("system/") for key in run.data.metrics)
+
+
+def test_attached_step_leaves_the_run_as_it_was(mlflow_server, tmp_path):
+    trainer = tracking.Tracker(mlflow_server, "exp-attach", "train", "hana")
+    trainer.start(_params())
+    trainer.finish()
+    client = MlflowClient(mlflow_server)
+    before = client.get_run(trainer.run_id).info
+    step = tracking.Tracker(mlflow_server, "ignored", "ignored", "ivan", system_metrics=False)
+    step.start({"evaluation.gt": "gt.csv"}, attach_run_id=trainer.run_id)
+    step.log_metrics({"holdout_f1": 0.5}, step=0)
+    step.log_dict({"offsets": [0.1]}, "calibration.json")
+    step.finish("FAILED")  # not its run to end
+    run = client.get_run(trainer.run_id)
+    assert (run.info.status, run.info.end_time) == (before.status, before.end_time)
+    assert run.data.metrics["holdout_f1"] == 0.5 and run.data.tags["evaluation.gt"] == "gt.csv"
+    assert run.data.tags["user"] == "hana" and "evaluation.gt" not in run.data.params
+    assert "calibration.json" in [a.path for a in client.list_artifacts(trainer.run_id)]
+    with pytest.raises(tracking.TrackingError, match="is not a run on"):
+        tracking.Tracker(mlflow_server, "e", "r", None).start({}, attach_run_id="0" * 32)

