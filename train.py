@@ -880,7 +880,8 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                     if is_main():
                         resume = {**opt.resume_state(), "state_dict_train": model.state_dict(), "rng": rng_state(),
                                   "best": {k: best[k] for k in ("acc", "f1", "epoch", "stale")},
-                                  "tracking": {"uri": tracker.uri, "run_id": tracker.run_id}}
+                                  "tracking": {"uri": tracker.uri, "run_id": tracker.run_id,
+                                               "parent_run_id": parent.run_id if parent is not None else None}}
                         saver.save("last.pth", eval_model.state_dict(), epoch, metrics, resume=resume)
                         log_epoch(writer, tracker, metrics, epoch)
                     saved_epoch = epoch
@@ -946,7 +947,10 @@ def cross_validate(args: argparse.Namespace, rank: int, world: int, device: torc
     else:
         parent_dir = Path(broadcast(str(unique_dir(args.model_dir, args.name)) if is_main() else None, world))
     s = resolve_settings(args, device, world)
-    parent = start_tracking(args, s, parent_dir, None)
+    # a resumed cross-validation continues its parent MLflow run, which the fold's last.pth names
+    saved = (load_resumable(args.resume).get("tracking") or {}) if args.resume else {}
+    parent = start_tracking(args, s, parent_dir, {"tracking": {"uri": saved.get("uri"),
+                                                               "run_id": saved.get("parent_run_id")}})
     try:
         with parent:
             summary = train_folds(args, s, parent_dir, first, parent, rank, world, device)
