@@ -76,6 +76,19 @@ def resolve_tracking_uri(cli_uri: str | None) -> str:
     return DEFAULT_TRACKING_URI
 
 
+def absolute_sqlite(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/path/relative.db. MLflow caches one store per URI string
+    for the life of the process, so a relative one would keep writing to the first folder's database
+    after a chdir (notebooks, test runs); the absolute one is also what a resume from elsewhere needs."""
+    prefix = "sqlite:///"
+    if not uri.lower().startswith(prefix) or uri[len(prefix):].startswith("/"):
+        return uri
+    path, sep, query = uri[len(prefix):].partition("?")
+    if not path or path == ":memory:":
+        return uri
+    return f"{prefix}{Path(path).resolve()}{sep}{query}"
+
+
 def resolve_experiment(cli_name: str | None, default: str) -> str:
     """`--experiment`, else $MLFLOW_EXPERIMENT_NAME (MLflow's own variable), else `default`."""
     for candidate in (cli_name, os.environ.get("MLFLOW_EXPERIMENT_NAME")):
@@ -176,7 +189,7 @@ class Tracker:
                  enabled: bool = True, system_metrics: bool = True, announce_to: TextIO | None = None) -> None:
         """`system_metrics`: sample CPU/memory/GPU into the run (training runs); `announce_to`: where
         the run's link is printed (default stdout)."""
-        self.uri = uri
+        self.uri = absolute_sqlite(uri)
         self.experiment = experiment
         self.run_name = run_name
         self.user = user

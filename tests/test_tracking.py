@@ -189,8 +189,9 @@ def test_default_local_sqlite_store(tmp_path, monkeypatch, capsys):
     tracker.log_artifact(tmp_path / "per_class.csv")
     tracker.finish()
     assert (tmp_path / "mlflow.db").is_file()
+    assert tracker.uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"  # absolute: MLflow caches stores by URI
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(tracker.uri)
     run = client.get_run(tracker.run_id)
     assert client.get_experiment(run.info.experiment_id).name == "local-exp"
     assert run.info.status == "FINISHED" and run.data.tags["user"] == "erin"
