@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,16 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def prepare_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's network in eval mode on `device`, channels_last (measured faster for inference
+    on CPU too, bench.py); build it once to predict many batches (a served model)."""
+    return build_model(ckpt).to(device).eval().to(memory_format=torch.channels_last)
+
+
 def predict_probs(ckpt: dict, paths: list[str], batch_size: int = 256, num_workers: int = 0, tta: str = "none",
-                  device: torch.device | None = None, cache_dir: str | None = None, progress: bool = True) -> np.ndarray:
+                  device: torch.device | None = None, cache_dir: str | None = None, progress: bool = True,
+                  model: torch.nn.Module | None = None) -> np.ndarray:
     """Class probabilities [N, classes] for images, preprocessed exactly as in training
-    (uint8 pipeline, normalised on the device), in eval mode under inference_mode."""
+    (uint8 pipeline, normalised on the device), in eval mode under inference_mode. `model`: the
+    checkpoint's network from `prepare_model` (built here when not given)."""
     device = device or torch.device("cpu")
     cuda = device.type == "cuda"
     pre = ckpt["preprocess"]
     task, age_cuts = task_of(ckpt), decision_age_cuts(ckpt)
-    # channels_last measured faster for inference on CPU too (bench.py: ResNet18 224, 18.5 vs 13.8 img/s).
-    model = build_model(ckpt).to(device).eval().to(memory_format=torch.channels_last)
+    model = model if model is not None else prepare_model(ckpt, device)
     transform = data.BatchTransform(pre["mean"], pre["std"], channels_last=True)
     store = data.ImageStore(paths, pre["resize"], pre["crop"], cache_dir)
     loader = data.make_loader(data.TestDataset(store), batch_size, num_workers=num_workers, pin_memory=cuda)
@@ -130,35 +138,56 @@ def class_count_summary(pred: np.ndarray, num_classes: int) -> str:
     return "predicted per class: " + " ".join(f"{c}:{n}" for c, n in enumerate(counts))
 
 
+@dataclass
+class Member:
+    """One model of a soft vote: its checkpoint, where it came from, its weight, and (once
+    `prepare_model` has run, e.g. in a served model) its network."""
+
+    ckpt: dict
+    path: Path
+    weight: float
+    model: torch.nn.Module | None = None
+
+
+def load_members(model_dirs: list[str], state: str, weights: list[float] | None = None) -> list[Member]:
+    """The checkpoints of a soft vote, checked to predict the same classes; a cross-validation
+    folder stands for its folds, which share its weight."""
+    if weights and len(weights) != len(model_dirs):
+        raise InferenceError(f"--weights has {len(weights)} values for {len(model_dirs)} --model_dir")
+    members = [Member(*load_for_task(run, state), weight / len(group))
+               for group, weight in zip(expand_runs(model_dirs), weights or [1.0] * len(model_dirs)) for run in group]
+    tasks = {task_of(m.ckpt).num_classes if task_of(m.ckpt).predicts_18 else task_of(m.ckpt).name for m in members}
+    if len(tasks) > 1:
+        raise InferenceError("cannot soft-vote models of different tasks: "
+                             + ", ".join(f"{m.path} ({m.ckpt['task']})" for m in members))
+    return members
+
+
+def vote(members: list[Member], paths: list[str], offsets: str = "auto", verbose: bool = True, **run
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[dict]]:
+    """Weighted mean of the members' probabilities and the decided classes, with the checkpoints'
+    decision offsets unless `offsets` is "none". Returns (probabilities, classes, the offsets used or
+    None, checkpoints); `task.apply_offsets(probs, offsets)` gives probabilities whose arg-max is the class."""
+    w = np.array([m.weight for m in members], dtype=np.float64)
+    total = None
+    for m in members:
+        if verbose:
+            print(f"model {m.path}: {m.ckpt['model']['name']} task {m.ckpt['task']} input {m.ckpt['preprocess']['resize']}")
+        probs = predict_probs(m.ckpt, paths, model=m.model, **run) * m.weight
+        total = probs if total is None else total + probs
+    probs = total / w.sum()
+    ckpts = [m.ckpt for m in members]
+    rule = ensemble_offsets(ckpts, w) if offsets == "auto" else None
+    if rule is not None and verbose:
+        print("applying the checkpoints' per-class decision offsets (--offsets none to disable)")
+    return probs, decide(probs, rule), rule, ckpts
+
+
 def soft_vote(model_dirs: list[str], state: str, paths: list[str], weights: list[float] | None = None,
               offsets: str = "auto", verbose: bool = True, **run
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[dict]]:
-    """Weighted mean of several models' probabilities (one model: its own) and the decided
-    classes, with the checkpoints' decision offsets unless `offsets` is "none".
-    Returns (probabilities, classes, the offsets used or None, checkpoints);
-    `task.apply_offsets(probs, offsets)` gives probabilities whose arg-max is the class."""
-    if weights and len(weights) != len(model_dirs):
-        raise InferenceError(f"--weights has {len(weights)} values for {len(model_dirs)} --model_dir")
-    # A cross-validation folder votes with its folds, which share its weight.
-    runs = [(run, weight / len(group)) for group, weight in zip(expand_runs(model_dirs), weights or [1.0] * len(model_dirs))
-            for run in group]
-    w = np.array([weight for _, weight in runs], dtype=np.float64)
-    loaded = [load_for_task(run, state) for run, _ in runs]
-    tasks = {task_of(c).num_classes if task_of(c).predicts_18 else task_of(c).name for c, _ in loaded}
-    if len(tasks) > 1:
-        raise InferenceError("cannot soft-vote models of different tasks: "
-                             + ", ".join(f"{p} ({c['task']})" for c, p in loaded))
-    total = None
-    for (ckpt, path), weight in zip(loaded, w):
-        if verbose:
-            print(f"model {path}: {ckpt['model']['name']} task {ckpt['task']} input {ckpt['preprocess']['resize']}")
-        probs = predict_probs(ckpt, paths, **run)
-        total = probs * weight if total is None else total + probs * weight
-    probs = total / w.sum()
-    rule = ensemble_offsets([c for c, _ in loaded], w) if offsets == "auto" else None
-    if rule is not None and verbose:
-        print("applying the checkpoints' per-class decision offsets (--offsets none to disable)")
-    return probs, decide(probs, rule), rule, [c for c, _ in loaded]
+    """`vote` of the models in `model_dirs` (run folders, .pth files, CV folders) at `state`."""
+    return vote(load_members(model_dirs, state, weights), paths, offsets, verbose, **run)
 
 
 def mask_genderage_pair(mask_dir: str, genderage_dir: str, state: str, paths: list[str], verbose: bool = True,

@@ -57,16 +57,19 @@ class MaskClassifier(mlflow.pyfunc.PythonModel):
         self.keys = list(keys)
 
     def load_context(self, context) -> None:
+        from inference import load_members, prepare_model
         from model import resolve_device
 
-        self.paths = [context.artifacts[key] for key in self.keys]
-        first, *_ = [load_checkpoint(path) for path in self.paths]  # weights_only; a bad file fails here, not per request
-        self.class_names = [name.split(" ", 1)[-1] for name in first["classes"]]  # "3 wear/female/<30"
         self.device = resolve_device("auto")
+        # Checkpoints (weights_only) and networks once, not per request; a bad file fails here.
+        self.members = load_members([context.artifacts[key] for key in self.keys], "best_f1")
+        for member in self.members:
+            member.model = prepare_model(member.ckpt, self.device)
+        self.class_names = [name.split(" ", 1)[-1] for name in self.members[0].ckpt["classes"]]  # "3 wear/female/<30"
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from dataset import check_image
-        from inference import soft_vote
+        from inference import vote
 
         images = decode_images(model_input)
         if not images:
@@ -82,8 +85,8 @@ class MaskClassifier(mlflow.pyfunc.PythonModel):
                 if reason:
                     raise _bad_input(f"row {i} of column {IMAGE_COLUMN!r}: {reason}")
                 paths.append(str(path))
-            probs, pred, _, _ = soft_vote(self.paths, "best_f1", paths, offsets="auto", verbose=False,
-                                          num_workers=0, device=self.device, progress=False)
+            probs, pred, _, _ = vote(self.members, paths, offsets="auto", verbose=False, num_workers=0,
+                                     device=self.device, progress=False)
         return prediction_frame(probs, pred, self.class_names)
 
 

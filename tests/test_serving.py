@@ -224,7 +224,8 @@ def test_cv_parent_model_is_the_soft_vote_of_its_folds(served, mlflow_server, de
     assert not any(client.search_logged_models([parent.info.experiment_id],
                                                filter_string=f"source_run_id = '{c.info.run_id}'") for c in children)
     model = _pyfunc(mlflow_server, parent.info.run_id, tmp_path / "dl")
-    assert len(model.unwrap_python_model().paths) == 2  # every fold's best_f1.pth
+    members = model.unwrap_python_model().members
+    assert len(members) == 2 and all(m.model is not None for m in members)  # every fold's best_f1.pth, built once
     info, paths = _images(demo_root)
     got = model.predict(pd.DataFrame({"image": [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]}))
     assert inference.main(["--data_dir", str(demo_root / "eval"), "--model_dir", str(served["cv_dir"]),
