@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import numpy as np
 
 import cli
 from checkpoint import CheckpointError, expand_runs, load_checkpoint, resolve_state_path, set_decision
+from fileio import atomic_write_text
 from metrics import macro_f1
 from task import AGE_THRESHOLDS, Task, decide, log_probs, task_of
 from tracking import add_tracking_flags, class_metrics, step_tracker
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="coordinate: one offset per class (coordinate ascent); prior: -alpha * log(class frequency)")
     p.add_argument("--age_cuts", choices=["fit", "keep"], default="fit",
                    help="models with a years age head: fit the cut points for macro F1 (fit) or keep the trained ones")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write what was fitted and scored (per run too) as JSON")
     add_tracking_flags(p, checkpoint_run=True)
     args = p.parse_args(argv)
     runs = [run for group in expand_runs(args.runs) for run in group]
@@ -211,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "age_cuts": args.age_cuts, "write": args.write}, training_run)
     with tracker:
         record = calibrate(args, runs, oofs)
+        if args.report:
+            atomic_write_text(args.report, json.dumps(record, indent=2))
         tracker.log_metrics({k: v for k, v in record.items() if k.startswith("calibrate_")}, step=0)
         tracker.log_dict(record, "calibration.json")
     return 0
@@ -236,13 +242,19 @@ def calibrate(args: argparse.Namespace, runs: list[Path], oofs: list[OutOfFold])
     elif len(runs) > 1 and not all(o.people for o in oofs):
         print("no cross-validated estimate: some runs do not record their validation people (val_samples.csv)")
     elif len(runs) > 1:
-        held = []
+        held, folds = [], []
         for i, fold in enumerate(oofs):
             fold_rule = fit_rule([o for j, o in enumerate(oofs) if j != i], args.method, args.age_cuts == "fit")
             held.append((score_rule([fold], None), score_rule([fold], fold_rule)))
-        cv_plain, cv_tuned = np.mean(held, axis=0)
-        record.update(calibrate_cv_f1_argmax=float(cv_plain), calibrate_cv_f1_rule=float(cv_tuned))
-        print(f"cross-validated (fit on the other runs, score on each): arg-max {cv_plain:.4f} -> rule {cv_tuned:.4f}")
+            folds.append({"run": str(runs[i]), "f1_argmax": float(held[-1][0]), "f1_rule": float(held[-1][1]),
+                          "age_cuts": list(fold_rule.cuts) if fold_rule.cuts is not None else None})
+        (cv_plain, cv_tuned), (sd_plain, sd_tuned) = np.mean(held, axis=0), np.std(held, axis=0, ddof=1)
+        record.update(calibrate_cv_f1_argmax=float(cv_plain), calibrate_cv_f1_rule=float(cv_tuned), cv_folds=folds)
+        print(f"cross-validated (fit on the other runs, score on each): arg-max {cv_plain:.4f} +- {sd_plain:.4f} "
+              f"-> rule {cv_tuned:.4f} +- {sd_tuned:.4f} (sd over runs)")
+        if rule.cuts is not None:
+            print("  age cut points fitted without each run: " + ", ".join(f"{f['age_cuts'][0]} {f['age_cuts'][1]}"
+                                                                          for f in folds))
     if rule.cuts is not None:
         print(f"age cut points: {rule.cuts[0]} {rule.cuts[1]} (labels keep their own age bins)")
     print("offsets: " + " ".join(f"{c}:{v:+.1f}" for c, v in enumerate(rule.offsets)))
