@@ -96,6 +96,8 @@ def os_error_line(exc: OSError) -> str | None:
     what = exc.strerror or str(exc)
     if exc.filename is not None:
         where = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else str(exc.filename)
+        if isinstance(exc, FileExistsError) and os.path.isfile(where):  # mkdir met a file where a folder belongs
+            what = "a file is in the way of a folder"
         if exc.filename2 is not None:
             where += f" -> {os.fsdecode(exc.filename2)}"
         return f"{what}: {where}"

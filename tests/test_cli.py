@@ -97,6 +97,13 @@ def test_call_turns_user_errors_into_one_line_and_exit_2(capsys, tmp_path):
 
     assert cli.call(mkdir_under_a_file) == 2
     assert capsys.readouterr().err == f"error: Not a directory: {file / 'sub'}\n"
+
+    def makedirs_through_a_file() -> int:
+        file.mkdir(parents=True, exist_ok=True)  # the file itself where a folder should be
+        return 0
+
+    assert cli.call(makedirs_through_a_file) == 2
+    assert capsys.readouterr().err == f"error: a file is in the way of a folder: {file}\n"
     assert cli.call(_raiser(PermissionError(errno.EACCES, "Permission denied", "/root/x"))) == 2
     assert capsys.readouterr().err == "error: Permission denied: /root/x\n"
     assert cli.call(_raiser(OSError(errno.ENOSPC, "No space left on device"))) == 2
