@@ -15,14 +15,16 @@ Measures, on the same images:
 - for num_workers 0 and each --num_workers value (default: 0 and dataset.default_num_workers()).
   The ratios (toolkit / reference, "one worker") use num_workers 0 for both: one process does all the
   work, so they compare the pipelines' cost rather than how many cores the machine has;
+- a real training loop (the loader feeding the default training step) for --loop_steps batches, with
+  the warm cache and decoding every image, for each worker count: what train.py's --num_workers
+  default rests on (no worker with --cache, cores - 1 without);
 - the model (random weights, random input): a training step (forward + backward + AdamW) and
-  inference for --model at --resize, fp32 eager and channels_last, plus AMP (bf16, else fp16 with a
-  scaler) on CUDA; the median of --train_steps steps, the variants taking turns. infer_eager_ips is
-  the plain fp32 eager loop under torch.no_grad; infer_ips is the toolkit's inference path
-  (eval, inference_mode; on CUDA channels_last + bf16 autocast as inference.py does; on a CPU the
-  faster of contiguous / channels_last, measured here and named in the output).
+  inference for --model at --resize: fp32 contiguous, fp32 channels_last and autocast (bf16 where the
+  hardware has it, else fp16 with a scaler) channels_last; the median of --train_steps steps, the
+  variants taking turns. infer_eager_ips is the plain fp32 eager loop under torch.no_grad. The rows
+  train.py and inference.py use by default on this device are marked (train_ips, infer_ips).
 Pipelines run with one torch thread in the main process (workers always have one), so num_workers 0
-is one core for both pipelines; the model runs with torch's default thread count.
+is one core for both pipelines; the training loop and the model run with torch's default thread count.
 Prints a table, then, as its last line, one JSON object with every number.
 """
 from __future__ import annotations
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm_epochs", type=int, default=2, help="warm epochs averaged for warm_ips")
     p.add_argument("--train_steps", type=int, default=3,
                    help="timed model steps per variant, variants taking turns (after 1 warm-up step each)")
+    p.add_argument("--loop_steps", type=int, default=4,
+                   help="timed batches of the training-loop comparison (cache/decode x workers; 0 = skip)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -236,6 +240,24 @@ def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, device: 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+# Model variants: (channels_last, autocast). The toolkit's defaults: channels_last, and autocast where
+# model.default_amp says (CUDA; CPUs with native bf16).
+TRAIN_VARIANTS = {"train_fp32_ips": (False, False), "train_fp32_channels_last_ips": (True, False),
+                  "train_amp_channels_last_ips": (True, True)}
+INFER_VARIANTS = {"infer_contiguous_ips": (False, False), "infer_channels_last_ips": (True, False),
+                  "infer_amp_channels_last_ips": (True, True)}
+
+
+def default_variant(device: torch.device, prefix: str) -> str:
+    """The variant train.py (autocast per model.default_amp) / inference.py (autocast on CUDA only:
+    fp32 on a CPU keeps its probabilities equal to an exported model's) use by default here."""
+    from model import default_amp
+
+    amp = default_amp(device) if prefix == "train" else device.type == "cuda"
+    return f"{prefix}_amp_channels_last_ips" if amp else f"{prefix}_fp32_channels_last_ips".replace(
+        "infer_fp32_", "infer_")
+
+
 def bench_model(args, device: torch.device) -> dict:
     from model import amp_dtype, create_model  # the precision train.py and inference.py use
 
@@ -243,7 +265,7 @@ def bench_model(args, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     inputs = torch.randn(b, 3, h, w, generator=gen).to(device)
     targets = torch.randint(0, NUM_CLASSES, (b,), generator=gen).to(device)
-    cuda = device.type == "cuda"
+    dtype = amp_dtype(device)
 
     def build(channels_last: bool, train: bool) -> tuple[torch.nn.Module, torch.Tensor]:
         torch.manual_seed(args.seed)
@@ -254,7 +276,6 @@ def bench_model(args, device: torch.device) -> dict:
     def train_step(channels_last: bool, amp: bool) -> Callable[[], None]:
         model, x = build(channels_last, True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        dtype = amp_dtype(device) if amp else torch.float32
         scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
 
         def step() -> None:
@@ -270,33 +291,63 @@ def bench_model(args, device: torch.device) -> dict:
         model, x = build(channels_last, False)
 
         def step() -> None:
-            with context(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with context(), torch.autocast(device.type, dtype=dtype, enabled=amp):
                 model(x)
         return step
 
-    train = {"train_fp32_ips": train_step(False, False), "train_fp32_channels_last_ips": train_step(True, False)}
-    infer = {"infer_eager_ips": infer_step(False, False, torch.no_grad)}  # the plain fp32 eager loop
-    if cuda:  # train.py's and inference.py's CUDA defaults: AMP + channels_last
-        train["train_amp_channels_last_ips"] = train_step(True, True)
-        infer["infer_amp_channels_last_ips"] = infer_step(True, True, torch.inference_mode)
-    else:
-        infer["infer_contiguous_ips"] = infer_step(False, False, torch.inference_mode)
-        infer["infer_channels_last_ips"] = infer_step(True, False, torch.inference_mode)
+    train = {name: train_step(*variant) for name, variant in TRAIN_VARIANTS.items()}
+    infer = {"infer_eager_ips": infer_step(False, False, torch.no_grad),  # the plain fp32 eager loop
+             **{name: infer_step(*variant, torch.inference_mode) for name, variant in INFER_VARIANTS.items()}}
     out: dict = {}
     for steps in (train, infer):
         out.update({name: b / seconds for name, seconds in time_interleaved(steps, args.train_steps, device).items()})
         steps.clear()  # frees the models before the next group
-    if cuda:
-        out["amp_dtype"] = str(amp_dtype(device)).replace("torch.", "")
-        out["train_ips"] = out["train_amp_channels_last_ips"]
-        out["infer_ips"] = out["infer_amp_channels_last_ips"]
-        out["infer_path"] = "inference_mode, channels_last, bf16 autocast"
-    else:  # train.py's CPU default: fp32, channels_last (measured faster here for Lite0, ResNet18, SmallCNN)
-        out["train_ips"] = out["train_fp32_channels_last_ips"]
-        best = "channels_last" if out["infer_channels_last_ips"] > out["infer_contiguous_ips"] else "contiguous"
-        out["infer_ips"] = out[f"infer_{best}_ips"]
-        out["infer_path"] = f"inference_mode, fp32, {best} (the faster layout, measured here)"
+    out["amp_dtype"] = str(dtype).replace("torch.", "")
+    out["train_default"], out["infer_default"] = default_variant(device, "train"), default_variant(device, "infer")
+    out["train_ips"], out["infer_ips"] = out[out["train_default"]], out[out["infer_default"]]
     return out
+
+
+def bench_loop(paths: list[str], args, mean, std, device: torch.device, workdir: Path) -> dict[str, float]:
+    """A real training loop (loader + the default model step) for a few batches: with the warm cache
+    or decoding every image, in the main process or in workers, at torch's thread count: the choices
+    behind train.py's `--num_workers` default. images/s after one warm-up batch."""
+    from model import amp_dtype, create_model, default_amp
+
+    amp, dtype = default_amp(device), amp_dtype(device)
+    augmentation = data.Augmentation("bench", hflip=0.5, jitter=JITTER)
+    samples = [data.Sample(p, f"p{i}", "mask1", 0, 0, 20) for i, p in enumerate(paths)]  # labels unused
+    transform = data.BatchTransform(mean, std, augmentation.jitter, augmentation.noise_std, channels_last=True)
+    results = {}
+    for cached in (True, False):
+        store = data.ImageStore(paths, args.resize, None, cache_dir=workdir / "cache-w0" if cached else None)
+        for workers in args.num_workers:
+            torch.manual_seed(args.seed)
+            model = create_model(args.model, NUM_CLASSES).to(device).to(memory_format=torch.channels_last).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            train_set = data.MaskDataset(samples, store, range(len(samples)), "all", augmentation=augmentation,
+                                         train=True, seed=args.seed)
+            loader = data.make_loader(train_set, args.batch_size, shuffle=True, num_workers=workers,
+                                      pin_memory=device.type == "cuda", seed=args.seed)
+            count, start = 0, None
+            for step, (images, targets) in enumerate(loader):
+                if step == 1:
+                    sync(device)
+                    start = time.perf_counter()
+                x = transform(images.to(device, non_blocking=True), train=True)
+                with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                    loss = torch.nn.functional.cross_entropy(model(x).float(), targets.to(device))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                count += len(x) if step >= 1 else 0
+                if step >= args.loop_steps:
+                    break
+            sync(device)
+            if start is not None:  # at least two batches
+                results[f"loop_{'cache' if cached else 'decode'}_w{workers}_ips"] = count / (time.perf_counter() - start)
+            del loader
+    return results
 
 
 # --------------------------------------------------------------------------- report
@@ -305,7 +356,8 @@ def table(result: dict) -> str:
     cols = list(res)
     h, w = result["resize"]
     lines = [f"device {result['device']} | {result['n_images']} images {result['image_source']} -> {h}x{w} | "
-             f"batch {result['batch_size']} | load average {result['load_avg_start']} -> {result['load_avg_end']}",
+             f"batch {result['batch_size']} | torch threads {result['torch_threads']} | load average "
+             f"{result['load_avg_start']} -> {result['load_avg_end']}",
              "",
              f"{'input pipeline, images/s':46s}" + "".join(f"{'workers ' + c:>12s}" for c in cols)]
     rows = [("reference  PIL + torchvision, per epoch", "reference_ips"),
@@ -319,19 +371,27 @@ def table(result: dict) -> str:
                            for c in cols))
     lines.append(f"ratios toolkit / reference, one worker (num_workers 0 for both): "
                  f"cold x{result['cold_ratio']:.2f}, warm x{result['warm_ratio']:.2f}")
-    lines += ["", f"model {result['model']} at {h}x{w}, batch {result['batch_size']}, images/s (median step)"]
-    for key, label in (("train_fp32_ips", "train step  fp32 eager, contiguous"),
-                       ("train_fp32_channels_last_ips", "train step  fp32 eager, channels_last"),
-                       ("train_amp_channels_last_ips", f"train step  AMP {result.get('amp_dtype', '')}, channels_last"),
-                       ("infer_eager_ips", "inference   fp32 eager loop, no_grad (infer_eager_ips)"),
-                       ("infer_amp_channels_last_ips", "inference   inference_mode, channels_last, AMP bf16"),
-                       ("infer_contiguous_ips", "inference   inference_mode, contiguous"),
-                       ("infer_channels_last_ips", "inference   inference_mode, channels_last")):
-        if key in result:
-            lines.append(f"  {label:58s}{result[key]:10.1f}")
-    lines.append(f"  {'train_ips  (train.py default on this device)':58s}{result['train_ips']:10.1f}")
-    lines.append(f"  {'infer_ips  (the toolkit inference path, see below)':58s}{result['infer_ips']:10.1f}")
-    lines.append(f"  infer_ips path: {result['infer_path']}")
+    amp = f"AMP {result['amp_dtype']}"
+    lines += ["", f"model {result['model']} at {h}x{w}, batch {result['batch_size']}, images/s (median step); "
+                  "<- marks what train.py / inference.py use by default here"]
+    labels = {"train_fp32_ips": "train step  fp32, contiguous",
+              "train_fp32_channels_last_ips": "train step  fp32, channels_last",
+              "train_amp_channels_last_ips": f"train step  {amp}, channels_last",
+              "infer_eager_ips": "inference   fp32 eager loop, no_grad (infer_eager_ips)",
+              "infer_contiguous_ips": "inference   inference_mode, fp32, contiguous",
+              "infer_channels_last_ips": "inference   inference_mode, fp32, channels_last",
+              "infer_amp_channels_last_ips": f"inference   inference_mode, {amp}, channels_last"}
+    for key, label in labels.items():
+        mark = "  <- default" if key in (result["train_default"], result["infer_default"]) else ""
+        lines.append(f"  {label:58s}{result[key]:10.1f}{mark}")
+    loops = {k: v for k, v in result.items() if k.startswith("loop_")}
+    if loops:
+        lines += ["", f"training loop (loader + the default step), images/s; train.py's default workers: "
+                      f"{result['default_workers_cache']} with --cache, {result['default_workers_decode']} without"]
+        for key, value in loops.items():
+            _, source, workers, _ = key.split("_")
+            label = f"{'warm cache' if source == 'cache' else 'decoding every epoch'}, {workers[1:]} worker(s)"
+            lines.append(f"  {label:58s}{value:10.1f}")
     return "\n".join(lines)
 
 
@@ -352,6 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli.positive_int(args.batch_size, "--batch_size")
     cli.non_negative(args.warm_epochs, "--warm_epochs")  # 0 still measures one warm epoch
     cli.non_negative(args.train_steps, "--train_steps")  # 0 still times one step
+    cli.non_negative(args.loop_steps, "--loop_steps")
     for size in args.resize:
         cli.positive_int(size, "--resize")
     for nw in args.num_workers or ():
@@ -378,6 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
             paths, source = make_images(workdir / "images", n, seed=args.seed), "generated 384x512 JPEG"
         print("input pipelines ...", file=sys.stderr)
         pipeline = bench_pipelines(paths, args, info.mean, info.std, device, workdir)
+        print("training loop ...", file=sys.stderr)
+        loop = bench_loop(paths, args, info.mean, info.std, device, workdir) if args.loop_steps else {}
     print("model ...", file=sys.stderr)
     model_result = bench_model(args, device)
     one = pipeline[0]
@@ -386,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cold_ratio": one["cold_ips"] / one["reference_ips"], "warm_ratio": one["warm_ips"] / one["reference_ips"],
         "ratio_num_workers": 0, "second_run_ips": one["second_run_ips"],
         "second_run_decodes": one["second_run_decodes"],
-        **model_result,
+        **model_result, **loop,
+        "default_workers_cache": 0, "default_workers_decode": data.default_num_workers(),
         "resize": list(args.resize), "model": args.model, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -170,8 +170,9 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def default_amp(device: torch.device) -> bool:
-    """train.py's and inference.py's default precision: autocast on CUDA, and on CPUs with native bf16,
-    where bf16 trained EfficientNet-Lite0 1.3x and predicted 2.2x faster at equal F1 (README, bench.py)."""
+    """train.py's default precision: autocast on CUDA, and on CPUs with native bf16, where bf16 trained
+    EfficientNet-Lite0 128 1.3x faster at equal F1 (README, bench.py). inference.py stays fp32 on a CPU:
+    its probabilities then match an exported model's (export.py), at 2x the bf16 time."""
     return device.type == "cuda" or native_bf16(device)
 
 

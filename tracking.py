@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO, TypeVar
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "mask-classification"  # train.py's default too
+DEFAULT_EXPERIMENT = "mask-classification"  # every script's default experiment
 DISABLED_URIS = {"none", "off", "disabled"}
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 REACHABILITY_TIMEOUT_S = 5.0

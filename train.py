@@ -38,10 +38,10 @@ from checkpoint import CheckpointSaver, build_metadata, load_resumable
 from cli import UsageError
 from fileio import atomic_write_text
 from task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
+from tracking import DEFAULT_EXPERIMENT
 
 DEMO_DIR = Path("data/demo")
 SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
-DEFAULT_EXPERIMENT = "mask-classification"
 
 
 # --------------------------------------------------------------------------- arguments

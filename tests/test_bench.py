@@ -8,7 +8,8 @@ from model import IMAGENET_MEAN, IMAGENET_STD
 
 def test_bench_main_prints_table_and_final_json(capsys):
     result = bench.main(["--n", "6", "--resize", "24", "20", "--model", "SmallCNN", "--batch_size", "4",
-                         "--warm_epochs", "1", "--train_steps", "1", "--num_workers", "1", "--device", "cpu"])
+                         "--warm_epochs", "1", "--train_steps", "1", "--num_workers", "1", "--device", "cpu",
+                         "--loop_steps", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert "reference" in "\n".join(lines[:-1]) and "cold" in "\n".join(lines[:-1])  # the table comes first
     final = json.loads(lines[-1])  # the LAST line is one JSON object
@@ -30,8 +31,19 @@ def test_bench_main_prints_table_and_final_json(capsys):
         assert setting["cold_decodes"] == 6 and setting["second_run_decodes"] == 0
         assert setting["cache_complete_before_second_run"] is True
         assert all(setting[k] > 0 for k in ("reference_ips", "cold_ips", "warm_ips", "second_run_ips"))
-    # the CPU inference path names the layout it picked, and it is the faster one measured
-    assert final["infer_ips"] == max(final["infer_contiguous_ips"], final["infer_channels_last_ips"])
+    # train_ips / infer_ips are the rows train.py and inference.py use by default here, marked in the table
+    from model import default_amp
+    import torch
+
+    amp = default_amp(torch.device("cpu"))
+    assert result["train_default"] == ("train_amp_channels_last_ips" if amp else "train_fp32_channels_last_ips")
+    assert result["infer_default"] == "infer_channels_last_ips"  # fp32 on a CPU, as inference.py runs there
+    assert result["train_ips"] == result[result["train_default"]] and result["infer_ips"] == result[result["infer_default"]]
+    table = "\n".join(lines[:-1])
+    assert table.count("<- default") == 2
+    # the training-loop comparison: warm cache and decoding, for each worker count
+    assert {k for k in final if k.startswith("loop_")} == {"loop_cache_w0_ips", "loop_cache_w1_ips",
+                                                           "loop_decode_w0_ips", "loop_decode_w1_ips"}
 
 
 def test_make_images_are_384x512_jpegs(tmp_path):
