@@ -249,13 +249,13 @@ INFER_VARIANTS = {"infer_contiguous_ips": (False, False), "infer_channels_last_i
 
 
 def default_variant(device: torch.device, prefix: str) -> str:
-    """The variant train.py (autocast per model.default_amp) / inference.py (autocast on CUDA only:
-    fp32 on a CPU keeps its probabilities equal to an exported model's) use by default here."""
+    """The variant train.py and inference.py use by default here: autocast where model.default_amp
+    says (CUDA), else fp32; channels_last either way."""
     from model import default_amp
 
-    amp = default_amp(device) if prefix == "train" else device.type == "cuda"
-    return f"{prefix}_amp_channels_last_ips" if amp else f"{prefix}_fp32_channels_last_ips".replace(
-        "infer_fp32_", "infer_")
+    if default_amp(device):
+        return f"{prefix}_amp_channels_last_ips"
+    return "train_fp32_channels_last_ips" if prefix == "train" else "infer_channels_last_ips"
 
 
 def bench_model(args, device: torch.device) -> dict:

@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm (0 = off)")
     g.add_argument("--early_stopping", type=int, default=0, help="stop after N epochs without a better val F1 (0 = off)")
     g.add_argument("--resume", default=None, help="continue from a last.pth")
-    g.add_argument("--amp", type=optional_bool, default=None, help="mixed precision (default: on with CUDA, off on CPU)")
+    g.add_argument("--amp", type=optional_bool, default=None,
+                   help="mixed precision (default: on with CUDA; off on CPU, where bf16 is faster on CPUs with "
+                        "AVX-512 BF16/AMX but cost F1, see README)")
     g.add_argument("--channels_last", type=optional_bool, default=None,
                    help="NHWC memory format (default: on; measured faster on CPU and CUDA, see bench.py)")
     g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model")
@@ -292,7 +294,7 @@ class Settings:
 
 def resolve_settings(args: argparse.Namespace, device: torch.device, world: int) -> Settings:
     """Defaults that depend on the model, the task or the hardware; unknown names fail here."""
-    from model import PretrainedUnavailable, check_pretrained, model_info, size_options
+    from model import PretrainedUnavailable, check_pretrained, default_amp, model_info, size_options
 
     cuda = device.type == "cuda"
     try:
@@ -312,7 +314,7 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
     # With the cache nothing is decoded after the first epoch: a worker only adds IPC (bench.py).
     workers = args.num_workers if args.num_workers is not None else (0 if args.cache else data.default_num_workers())
     return Settings(task=task, resize=resize, age_bins=age_bins, score_age_bins=tuple(args.score_age_bins or age_bins),
-                    amp=cuda if args.amp is None else args.amp,
+                    amp=default_amp(device) if args.amp is None else args.amp,
                     channels_last=True if args.channels_last is None else args.channels_last,
                     num_workers=workers, model_options=model_options, data_dir=args.data_dir or str(DEMO_DIR / "train"),
                     world=world, global_batch=args.batch_size * world * args.accum_steps,
