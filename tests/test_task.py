@@ -206,3 +206,11 @@ def test_calibrate_refuses_a_cross_validated_claim_for_overlapping_runs(trained_
     assert calibrate.main(["--runs", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "no cross-validated estimate" in out and "cross-validated (" not in out
+
+
+def test_recipe_config_files_are_valid_train_configs():
+    """Recipes are config files plus a few overrides: every shipped one parses, with flags winning."""
+    for config in sorted((ROOT / "recipes").glob("*.yaml")):
+        args = train.parse_args(["--config", str(config), "--data_dir", "somewhere", "--epochs", "1"])
+        assert args.epochs == 1 and args.data_dir == "somewhere"
+        assert args.model == yaml.safe_load(config.read_text())["model"]
