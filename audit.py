@@ -77,6 +77,7 @@ class Predictions:
     task: str  # the report task: all (18), mask (3) or genderage (6)
     age_bins: tuple[int, int]
     expected_age: np.ndarray  # E[age] of a years age head, NaN without one
+    fitted_labels: np.ndarray | None = None  # labels after the person-level suggestions (what outliers are fit to)
 
     @property
     def parts(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
@@ -228,7 +229,8 @@ def audit(pred: Predictions) -> list[Suspicion]:
                 i, j = s.photos
                 fixed_mask[i], fixed_mask[j] = mask[j], mask[i]
     swapped = {i for s in found if s.kind == "mask_swap" for i in s.photos}
-    found += outliers(pred, by_person, pred.relabel(fixed_mask, fixed_gender, fixed_group), swapped)
+    pred.fitted_labels = pred.relabel(fixed_mask, fixed_gender, fixed_group)
+    found += outliers(pred, by_person, pred.fitted_labels, swapped)
     found.sort(key=lambda s: (-s.score, KINDS.index(s.kind), s.person, s.image))
     return found
 
@@ -327,7 +329,8 @@ def sheet_rows(pred: Predictions, found: list[Suspicion], limit: int = SHEET_ROW
                 m = int(p_mask[i].argmax())
                 reading = f"looks {MASK_NAMES[m]} {p_mask[i, m]:.2f}"
             else:
-                reading = f"p(label) {pred.probs[i, pred.labels[i]]:.2f}"
+                labels = pred.fitted_labels if pred.fitted_labels is not None else pred.labels
+                reading = f"p(label) {pred.probs[i, labels[i]]:.2f}"  # the label the outlier score used
             cells.append(Cell(pred.paths[i], f"{pred.kinds[i]}\n{reading}", highlight=i in s.photos))
         rows.append(SheetRow(f"{s.kind}  {s.person}  {s.label} -> {s.suggested}  score {s.score:.1f}", cells))
     return rows
