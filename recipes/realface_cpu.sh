@@ -16,8 +16,8 @@ mkdir -p "$OUT"
 rm -rf "$OUT/model/realface"  # a re-run replaces its own run (train.py never overwrites one)
 start=$(date +%s)
 
-# 1. EfficientNet-Lite1 (offline ImageNet weights), three heads with the age learned in years,
-#    128x128, flip/shift/jitter, label smoothing, AdamW + one-cycle, 10 epochs on every person.
+# 1. EfficientNet-Lite0 (offline ImageNet weights), three heads (mask, gender, age group), 128x128,
+#    flip, label smoothing, AdamW + one-cycle, 6 epochs on every person.
 python train.py --config recipes/realface_cpu.yaml --data_dir "$TRAIN_DIR" --model_dir "$OUT/model" \
     --name realface --seed "$SEED" --cache_dir "$OUT/cache" --tracking_uri "${TRACKING_URI:-none}"
 
