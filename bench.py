@@ -241,7 +241,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, device: 
 
 
 # Model variants: (channels_last, autocast). The toolkit's defaults: channels_last, and autocast where
-# model.default_amp says (CUDA; CPUs with native bf16).
+# model.default_amp says (CUDA only: on a CPU bf16 is faster but was not F1-safe).
 TRAIN_VARIANTS = {"train_fp32_ips": (False, False), "train_fp32_channels_last_ips": (True, False),
                   "train_amp_channels_last_ips": (True, True)}
 INFER_VARIANTS = {"infer_contiguous_ips": (False, False), "infer_channels_last_ips": (True, False),

@@ -171,8 +171,9 @@ def native_bf16(device: torch.device) -> bool:
 
 def default_amp(device: torch.device) -> bool:
     """train.py's default precision: autocast on CUDA. Off on a CPU even with native bf16: there bf16
-    trained EfficientNet-Lite0 128 about 1.5x faster, but lost macro F1 in a 5-fold person CV on real
-    faces (-0.040, 95% interval -0.077 to -0.003; README "What wins"), so it is opt-in (--amp True)."""
+    trained EfficientNet-Lite0 128 about 1.5x faster, but in 5-fold person CVs on real faces it changed
+    macro F1 by -0.040 (95% interval -0.077 to -0.003) with the 3-bin age head and by +0.018 (-0.015
+    to +0.051) with the years head (README "What wins"): not safe by default, so opt-in (--amp True)."""
     return device.type == "cuda"
 
 

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="continue from a last.pth")
     g.add_argument("--amp", type=optional_bool, default=None,
                    help="mixed precision (default: on with CUDA; off on CPU, where bf16 is faster on CPUs with "
-                        "AVX-512 BF16/AMX but cost F1, see README)")
+                        "AVX-512 BF16/AMX but lost F1 in one of two CVs, see README)")
     g.add_argument("--channels_last", type=optional_bool, default=None,
                    help="NHWC memory format (default: on; measured faster on CPU and CUDA, see bench.py)")
     g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model")
