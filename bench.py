@@ -248,14 +248,12 @@ INFER_VARIANTS = {"infer_contiguous_ips": (False, False), "infer_channels_last_i
                   "infer_amp_channels_last_ips": (True, True)}
 
 
-def default_variant(device: torch.device, prefix: str) -> str:
-    """The variant train.py and inference.py use by default here: autocast where model.default_amp
-    says (CUDA), else fp32; channels_last either way."""
+def default_variant(device: torch.device, variants: dict[str, tuple[bool, bool]]) -> str:
+    """The one of `variants` train.py and inference.py use by default here: channels_last, and autocast
+    where model.default_amp says (CUDA)."""
     from model import default_amp
 
-    if default_amp(device):
-        return f"{prefix}_amp_channels_last_ips"
-    return "train_fp32_channels_last_ips" if prefix == "train" else "infer_channels_last_ips"
+    return next(name for name, variant in variants.items() if variant == (True, default_amp(device)))
 
 
 def bench_model(args, device: torch.device) -> dict:
@@ -303,7 +301,7 @@ def bench_model(args, device: torch.device) -> dict:
         out.update({name: b / seconds for name, seconds in time_interleaved(steps, args.train_steps, device).items()})
         steps.clear()  # frees the models before the next group
     out["amp_dtype"] = str(dtype).replace("torch.", "")
-    out["train_default"], out["infer_default"] = default_variant(device, "train"), default_variant(device, "infer")
+    out["train_default"], out["infer_default"] = default_variant(device, TRAIN_VARIANTS), default_variant(device, INFER_VARIANTS)
     out["train_ips"], out["infer_ips"] = out[out["train_default"]], out[out["infer_default"]]
     return out
 

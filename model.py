@@ -160,15 +160,6 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bf16 in hardware: CUDA (Ampere on), or a CPU with AVX-512 BF16 or
-    AMX; other CPUs emulate bf16 and run it slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def default_amp(device: torch.device) -> bool:
     """train.py's default precision: autocast on CUDA. Off on a CPU even with native bf16: there bf16
     trained EfficientNet-Lite0 128 about 1.5x faster, but in 5-fold person CVs on real faces it changed
