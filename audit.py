@@ -48,7 +48,8 @@ import cli
 import dataset as data
 from checkpoint import expand_runs, load_checkpoint, resolve_state_path
 from fileio import atomic_write_text, check_apart, replace_folder
-from task import AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, task_of
+from task import (AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, join_labels,
+                  split_labels, split_probs, task_of)
 
 COLUMNS = data.OVERRIDE_COLUMNS
 KINDS = data.OVERRIDE_KINDS
@@ -77,37 +78,17 @@ class Predictions:
     task: str  # the report task: all (18), mask (3) or genderage (6)
     age_bins: tuple[int, int]
     expected_age: np.ndarray  # E[age] of a years age head, NaN without one
-    fitted_labels: np.ndarray | None = None  # labels after the person-level suggestions (what outliers are fit to)
 
     @property
     def parts(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """(p_mask [N,3], p_gender [N,2], p_age [N,3]); None for a part the task does not predict."""
-        p = self.probs
-        if self.task == "mask":
-            return p, None, None
-        if self.task == "genderage":
-            q = p.reshape(-1, 2, 3)
-            return None, q.sum(2), q.sum(1)
-        q = p.reshape(-1, 3, 2, 3)
-        return q.sum((2, 3)), q.sum((1, 3)), q.sum((1, 2))
+        return split_probs(self.task, self.probs)
 
     @property
     def label_parts(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
         """(mask, gender, age group) labels; None where the task has no such part."""
-        groups = np.array([age_label(int(a), self.age_bins) for a in self.ages])
-        if self.task == "mask":
-            return self.labels, None, groups
-        if self.task == "genderage":
-            return None, self.labels // 3, groups
-        return self.labels // 6, (self.labels // 3) % 2, groups
-
-    def relabel(self, mask: np.ndarray | None, gender: np.ndarray | None, group: np.ndarray) -> np.ndarray:
-        """Task class ids for other (mask, gender, age group) labels."""
-        if self.task == "mask":
-            return mask
-        if self.task == "genderage":
-            return gender * 3 + group
-        return mask * 6 + gender * 3 + group
+        mask, gender, _ = split_labels(self.task, self.labels)
+        return mask, gender, np.array([age_label(int(a), self.age_bins) for a in self.ages], dtype=np.int64)
 
 
 def read_run(run: Path) -> tuple[dict, dict]:
@@ -171,11 +152,8 @@ def load_predictions(runs: Sequence[Path]) -> Predictions:
 def labels_at(task: str, labels: np.ndarray, ages: Sequence[int], bins: tuple[int, int]) -> np.ndarray:
     """The run's validation labels with the age group recomputed at `bins` (they were scored at its
     --score_age_bins); mask and gender are as trained."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if task == "mask":
-        return labels
-    # 18 classes m*6 + g*3 + a and 6 classes g*3 + a both end in the age group
-    return labels // 3 * 3 + np.array([age_label(a, bins) for a in ages], dtype=np.int64)
+    mask, gender, _ = split_labels(task, labels)
+    return join_labels(task, mask, gender, np.array([age_label(a, bins) for a in ages], dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- the audit
@@ -188,6 +166,7 @@ class Suspicion:
     label: str
     suggested: str
     photos: list[int] = field(default_factory=list)  # rows of the image(s) concerned (highlighted)
+    fits: dict[int, float] = field(default_factory=dict)  # outlier: p(label) of the person's photos, as scored
 
     def row(self) -> list[str]:
         return [self.person, self.image, self.kind, f"{self.score:.3f}", self.label, self.suggested]
@@ -229,8 +208,8 @@ def audit(pred: Predictions) -> list[Suspicion]:
                 i, j = s.photos
                 fixed_mask[i], fixed_mask[j] = mask[j], mask[i]
     swapped = {i for s in found if s.kind == "mask_swap" for i in s.photos}
-    pred.fitted_labels = pred.relabel(fixed_mask, fixed_gender, fixed_group)
-    found += outliers(pred, by_person, pred.fitted_labels, swapped)
+    fitted_labels = join_labels(pred.task, fixed_mask, fixed_gender, fixed_group)
+    found += outliers(pred, by_person, fitted_labels, swapped)
     found.sort(key=lambda s: (-s.score, KINDS.index(s.kind), s.person, s.image))
     return found
 
@@ -293,7 +272,8 @@ def outliers(pred: Predictions, by_person: dict[str, list[int]], labels: np.ndar
                 continue
             score = float(np.log(max(np.median(fit[others]), EPS)) - np.log(max(fit[i], EPS)))
             if score > 0:
-                out.append(Suspicion(person, Path(pred.paths[i]).name, "outlier", score, pred.kinds[i], data.DROP, [i]))
+                out.append(Suspicion(person, Path(pred.paths[i]).name, "outlier", score, pred.kinds[i], data.DROP, [i],
+                                     {j: float(fit[j]) for j in rows}))
     return out
 
 
@@ -329,8 +309,7 @@ def sheet_rows(pred: Predictions, found: list[Suspicion], limit: int = SHEET_ROW
                 m = int(p_mask[i].argmax())
                 reading = f"looks {MASK_NAMES[m]} {p_mask[i, m]:.2f}"
             else:
-                labels = pred.fitted_labels if pred.fitted_labels is not None else pred.labels
-                reading = f"p(label) {pred.probs[i, labels[i]]:.2f}"  # the label the outlier score used
+                reading = f"p(label) {s.fits[i]:.2f}"  # the label the outlier score used
             cells.append(Cell(pred.paths[i], f"{pred.kinds[i]}\n{reading}", highlight=i in s.photos))
         rows.append(SheetRow(f"{s.kind}  {s.person}  {s.label} -> {s.suggested}  score {s.score:.1f}", cells))
     return rows

@@ -28,7 +28,7 @@ from fileio import atomic_write
 
 # The label scheme lives in task.py (numpy only, so metrics stays free of torch); re-exported here.
 from task import (DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, TASK_CLASSES,  # noqa: E402,F401
-                  age_names, class_names, decode18, get_task)
+                  PART_SIZES, age_names, class_names, decode18, get_task, join_labels, split_labels)
 from task import num_classes as _num_classes  # noqa: E402
 from task import plain_names as _plain_names  # noqa: E402
 
@@ -78,12 +78,14 @@ def evaluate_predictions(y_true: Any, y_pred: Any, task: str) -> dict[str, float
     "all"/"multi": f1_mask, f1_gender, f1_age, f1_genderage; "genderage": f1_gender, f1_age."""
     t, p = _pair(y_true, y_pred, task)
     out = {"accuracy": float(np.mean(t == p)), "f1": macro_f1(t, p)}
-    if get_task(task).report_task == "all":
-        (tm, tg, ta), (pm, pg, pa) = decode18(t), decode18(p)
-        out.update(f1_mask=macro_f1(tm, pm), f1_gender=macro_f1(tg, pg), f1_age=macro_f1(ta, pa),
-                   f1_genderage=macro_f1(tg * 3 + ta, pg * 3 + pa))
-    elif task == "genderage":
-        out.update(f1_gender=macro_f1(t // 3, p // 3), f1_age=macro_f1(t % 3, p % 3))
+    true_parts, pred_parts = split_labels(task, t), split_labels(task, p)
+    if sum(part is not None for part in true_parts) < 2:
+        return out  # one part: f1 is already its score
+    for name, tp, pp in zip(PART_SIZES, true_parts, pred_parts):
+        if tp is not None:
+            out[f"f1_{name}"] = macro_f1(tp, pp)
+    if true_parts[0] is not None:  # the 18 classes: also the gender-age pair a 6-class model predicts
+        out["f1_genderage"] = macro_f1(join_labels("genderage", *true_parts), join_labels("genderage", *pred_parts))
     return out
 
 

@@ -53,8 +53,49 @@ def decode_class(label: int) -> tuple[int, int, int]:
 
 def decode18(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """18-class labels -> (mask, gender, age) arrays."""
-    c = np.asarray(classes, dtype=np.int64)
-    return c // 6, (c // 3) % 2, c % 3
+    return split_labels("all", classes)
+
+
+# Which parts (mask 3, gender 2, age group 3) a task's class id is made of, in row-major order:
+# class = ravel_multi_index(parts), so 18 classes are m*6 + g*3 + a and 6 classes g*3 + a.
+PART_SIZES = {"mask": 3, "gender": 2, "age": 3}
+TASK_PARTS = {"all": ("mask", "gender", "age"), "multi": ("mask", "gender", "age"),
+              "mask": ("mask",), "genderage": ("gender", "age")}
+Parts = tuple  # (mask, gender, age): arrays, None for a part the task does not have
+
+
+def _parts_of(task: str) -> tuple[str, ...]:
+    num_classes(task)
+    return TASK_PARTS[task]
+
+
+def split_labels(task: str, labels: np.ndarray) -> Parts:
+    """A task's class ids -> (mask, gender, age group) label arrays, None for parts it lacks."""
+    names = _parts_of(task)
+    found = np.unravel_index(np.asarray(labels, dtype=np.int64), [PART_SIZES[n] for n in names])
+    by_name = dict(zip(names, found))
+    return tuple(by_name.get(n) for n in PART_SIZES)
+
+
+def join_labels(task: str, mask=None, gender=None, age=None) -> np.ndarray:
+    """(mask, gender, age group) label arrays -> the task's class ids; parts it lacks are ignored."""
+    given = {"mask": mask, "gender": gender, "age": age}
+    names = _parts_of(task)
+    missing = [n for n in names if given[n] is None]
+    if missing:
+        raise ValueError(f"task {task} labels need the {', '.join(missing)} part(s)")
+    return np.ravel_multi_index([np.asarray(given[n], dtype=np.int64) for n in names],
+                                [PART_SIZES[n] for n in names])
+
+
+def split_probs(task: str, probs: np.ndarray) -> Parts:
+    """[N, classes] probabilities -> marginals (p_mask [N,3], p_gender [N,2], p_age [N,3]), None for
+    parts the task lacks."""
+    names = _parts_of(task)
+    grid = np.asarray(probs).reshape(-1, *(PART_SIZES[n] for n in names))
+    axes = range(1, grid.ndim)
+    by_name = {n: grid.sum(axis=tuple(a for a in axes if a != k)) for k, n in zip(axes, names)}
+    return tuple(by_name.get(n) for n in PART_SIZES)
 
 
 def age_names(age_bins: Sequence[int] = DEFAULT_AGE_BINS) -> tuple[str, str, str]:

@@ -18,13 +18,33 @@ import dataset as data
 import inference
 import train
 from checkpoint import CheckpointError, build_model, load_checkpoint, set_decision
-from task import AGE_THRESHOLDS, Task, age_group_probs_from_survival, apply_offsets, decide, get_task, task_of
+from task import (AGE_THRESHOLDS, Task, age_group_probs_from_survival, apply_offsets, decide, get_task, join_labels,
+                  split_labels, split_probs, task_of)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- task
+@pytest.mark.parametrize("name, parts", [("all", (3, 2, 3)), ("genderage", (None, 2, 3)), ("mask", (3, None, None))])
+def test_label_parts_round_trip_and_marginals(name, parts):
+    n = get_task(name).num_classes
+    labels = np.arange(n)
+    split = split_labels(name, labels)
+    assert [None if p is None else int(p.max()) + 1 for p in split] == list(parts)
+    assert (join_labels(name, *split) == labels).all()
+    if name != "mask":  # the competition's encoding: class = m*6 + g*3 + a, genderage = g*3 + a
+        assert (split[2] == labels % 3).all() and (split[1] == labels // 3 % 2).all()
+    probs = np.random.default_rng(0).dirichlet(np.ones(n), size=5)
+    for part, marginal in zip(split, split_probs(name, probs)):
+        assert (part is None) == (marginal is None)
+        if marginal is not None:  # the marginal sums the classes that carry each value of the part
+            expected = np.stack([probs[:, part == v].sum(1) for v in range(int(part.max()) + 1)], axis=1)
+            np.testing.assert_allclose(marginal, expected)
+    with pytest.raises(ValueError, match="need the gender"):
+        join_labels("genderage", age=np.zeros(2, dtype=int))
+
+
 def test_task_shapes_and_targets():
     assert get_task("all").head_sizes is None and get_task("all").num_classes == 18
     assert get_task("multi").head_sizes == (3, 2, 3)
