@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def decode18(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 PART_SIZES = {"mask": 3, "gender": 2, "age": 3}
 TASK_PARTS = {"all": ("mask", "gender", "age"), "multi": ("mask", "gender", "age"),
               "mask": ("mask",), "genderage": ("gender", "age")}
-Parts = tuple  # (mask, gender, age): arrays, None for a part the task does not have
+Parts = tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]  # (mask, gender, age); None: not in the task
 
 
 def _parts_of(task: str) -> tuple[str, ...]:
