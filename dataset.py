@@ -375,7 +375,7 @@ def person_strata(samples: Sequence[Sample], age_bins: Sequence[int]) -> tuple[l
     """Each person once, with their gender x age class (0..5) for stratification."""
     by_person: dict[str, int] = {}
     for s in samples:
-        by_person.setdefault(s.person, s.gender * 3 + age_label(s.age, age_bins))
+        by_person.setdefault(s.person, task_target(s.mask, s.gender, age_label(s.age, age_bins), "genderage"))
     people = sorted(by_person)
     return people, [by_person[p] for p in people]
 

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 import cli
 from fileio import atomic_write_text, is_marked
+from task import age_label, encode_class
 
 FILE_NAMES = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
 MASK_OF_FILE = {name: (0 if name.startswith("mask") else 1 if name == "incorrect_mask" else 2)
@@ -51,13 +52,8 @@ MASK_COLOURS = ((245, 245, 245), (150, 200, 235), (30, 30, 35), (235, 160, 185),
                 (70, 160, 120), (40, 60, 120), (220, 215, 120))
 
 
-def age_label(age: int, bins: tuple[int, int] = AGE_BINS) -> int:
-    """0 below bins[0], 1 below bins[1], else 2."""
-    return 0 if age < bins[0] else 1 if age < bins[1] else 2
-
-
 def class_of(mask: int, gender: int, age: int, bins: tuple[int, int] = AGE_BINS) -> int:
-    return mask * 6 + gender * 3 + age_label(age, bins)
+    return encode_class(mask, gender, age_label(age, bins))
 
 
 def _people(rng: np.random.Generator, n: int) -> list[tuple[str, int]]:

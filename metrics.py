@@ -44,7 +44,7 @@ def _as_labels(y: Any, task: str, what: str) -> np.ndarray:
     n = _num_classes(task)
     a = _to_numpy(y)
     if get_task(task).multihead and a.ndim == 2 and a.shape[1] == 3:  # (mask, gender, age) targets
-        a = a[:, 0] * 6 + a[:, 1] * 3 + a[:, 2]
+        a = join_labels("all", *a.T)
     if a.ndim != 1:
         raise ValueError(f"{what} must be a 1-D array of class ids, got shape {a.shape}")
     if a.size and not np.issubdtype(a.dtype, np.integer):
