@@ -128,15 +128,9 @@ def num_classes(task: str) -> int:
 
 def task_target(mask: int, gender: int, age: int, task: str) -> int | tuple[int, int, int]:
     """The label a model of `task` is trained on (age already binned)."""
-    if task == "all":
-        return encode_class(mask, gender, age)
-    if task == "mask":
-        return mask
-    if task == "genderage":
-        return gender * 3 + age
-    if task == "multi":
+    if get_task(task).multihead:
         return (mask, gender, age)
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_CLASSES)}")
+    return int(join_labels(task, mask, gender, age))
 
 
 def check_age_bins(age_bins: Sequence[int], what: str = "--age_bins") -> tuple[int, int]:
