@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A CPU recipe for real face photos: one model on every training person, then predict.
+# A CPU recipe for real face photos: two models on every training person, then their soft vote.
 #   recipes/realface_cpu.sh TRAIN_DIR EVAL_DIR OUT_DIR
 # TRAIN_DIR: competition training layout (train/ or train/images); EVAL_DIR: info.csv + images/.
 # Writes OUT_DIR/output.csv (and output_probs.csv). Training flags: recipes/realface_cpu.yaml.
@@ -13,15 +13,19 @@ OUT=${3:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 SEED=${SEED:-0}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
-rm -rf "$OUT/model/realface"  # a re-run replaces its own run (train.py never overwrites one)
+rm -rf "$OUT/model/flip" "$OUT/model/fastaug"  # a re-run replaces its own runs (train.py never overwrites one)
 start=$(date +%s)
 
-# 1. EfficientNet-Lite0 (offline ImageNet weights), three heads (mask, gender, age group), 128x128,
-#    flip, label smoothing, AdamW + one-cycle, 6 epochs on every person.
+# 1. Two EfficientNet-Lite0 models (offline ImageNet weights), three heads (mask, gender, age group),
+#    128x128, label smoothing, AdamW + one-cycle, 6 epochs on every person; they differ in augmentation:
+#    flip only, and flip + shift/scale + colour jitter. The second reads the image cache the first filled.
 python train.py --config recipes/realface_cpu.yaml --data_dir "$TRAIN_DIR" --model_dir "$OUT/model" \
-    --name realface --seed "$SEED" --cache_dir "$OUT/cache" --tracking_uri "${TRACKING_URI:-none}"
+    --name flip --seed "$SEED" --cache_dir "$OUT/cache" --tracking_uri "${TRACKING_URI:-none}"
+python train.py --config recipes/realface_cpu.yaml --augmentation FastAugmentation --data_dir "$TRAIN_DIR" \
+    --model_dir "$OUT/model" --name fastaug --seed "$SEED" --cache_dir "$OUT/cache" \
+    --tracking_uri "${TRACKING_URI:-none}"
 
-# 2. Predict with the last epoch's weights, averaging each photo with its mirror image.
-python inference.py --data_dir "$EVAL_DIR" --model_dir "$OUT/model/realface" --state last --tta hflip \
-    --output_dir "$OUT"
+# 2. Predict with the soft vote of both models' last-epoch weights, each photo averaged with its mirror.
+python inference.py --data_dir "$EVAL_DIR" --model_dir "$OUT/model/flip" "$OUT/model/fastaug" --state last \
+    --tta hflip --output_dir "$OUT"
 echo "recipe finished in $(( $(date +%s) - start )) s: $OUT/output.csv"
