@@ -4,8 +4,10 @@ years age head end to end and the warmed-up EMA."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +236,14 @@ def test_recipe_config_files_are_valid_train_configs():
         args = train.parse_args(["--config", str(config), "--data_dir", "somewhere", "--epochs", "1"])
         assert args.epochs == 1 and args.data_dir == "somewhere"
         assert args.model == yaml.safe_load(config.read_text())["model"]
+
+
+@pytest.mark.parametrize("models, message", [("flip bogus", "unknown model 'bogus' (known: flip fastaug)"),
+                                             (" ", "MODELS is empty")])
+def test_realface_recipe_rejects_unknown_models_before_training(tmp_path, models, message):
+    """A typo in MODELS stops the recipe at once, not after the first model's training."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(ROOT / "recipes" / "realface_cpu.sh"), "train", "eval", str(out)],
+                            env={**os.environ, "MODELS": models}, capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr
+    assert not out.exists()
