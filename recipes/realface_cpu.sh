@@ -15,9 +15,14 @@ EVAL_DIR=${2:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 OUT=${3:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 SEED=${SEED:-0}
 MODELS=${MODELS:-fastaug}
-for name in $MODELS; do  # every name checked before anything trains
-  [[ $name == flip || $name == fastaug ]] || { echo "error: MODELS: unknown model '$name' (known: flip fastaug)" >&2; exit 2; }
-done
+augmentation_of() {  # the one place a model name is defined: its --augmentation
+  case $1 in
+    flip) echo FlipAugmentation ;;
+    fastaug) echo FastAugmentation ;;
+    *) echo "error: MODELS: unknown model '$1' (known: flip fastaug)" >&2; return 2 ;;
+  esac
+}
+for name in $MODELS; do augmentation_of "$name" > /dev/null || exit 2; done  # every name, before anything trains
 [ -n "${MODELS// /}" ] || { echo "error: MODELS is empty (known: flip fastaug)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -29,12 +34,8 @@ start=$(date +%s)
 #    the first one filled.
 runs=()
 for name in $MODELS; do
-  case $name in
-    flip) extra=() ;;
-    fastaug) extra=(--augmentation FastAugmentation) ;;
-  esac
   rm -rf "$OUT/model/$name"  # a re-run replaces its own run (train.py never overwrites one)
-  python train.py --config recipes/realface_cpu.yaml "${extra[@]}" --data_dir "$TRAIN_DIR" \
+  python train.py --config recipes/realface_cpu.yaml --augmentation "$(augmentation_of "$name")" --data_dir "$TRAIN_DIR" \
       --model_dir "$OUT/model" --name "$name" --seed "$SEED" --cache_dir "$OUT/cache" \
       --tracking_uri "${TRACKING_URI:-none}"
   runs+=("$OUT/model/$name")
