@@ -684,6 +684,7 @@ class Augmentation:
     crop: tuple | None = None
     hflip: float = 0.0
     shift_scale: tuple[float, float] | None = None  # (max shift fraction, max scale change)
+    rotate: float = 0.0  # max rotation in degrees, applied with shift_scale
     jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     noise_std: float = 0.0  # additive Gaussian noise after normalisation (original AddGaussianNoise)
     album: Callable[[], object] | None = None  # albumentations Compose factory for uint8 HWC
@@ -697,7 +698,9 @@ class Augmentation:
             h, w = img.shape[:2]
             s = 1.0 + rng.uniform(-scale, scale)
             tx, ty = rng.uniform(-shift, shift, size=2) * (w, h)
-            matrix = np.float32([[s, 0, (1 - s) * w / 2 + tx], [0, s, (1 - s) * h / 2 + ty]])
+            angle = rng.uniform(-self.rotate, self.rotate) if self.rotate else 0.0
+            matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, s)  # about the centre, then shifted
+            matrix[:, 2] += (tx, ty)
             img = cv2.warpAffine(np.ascontiguousarray(img), matrix, (w, h), flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_REFLECT_101)
         if self.album is not None:
@@ -742,6 +745,12 @@ def FlipAugmentation() -> Augmentation:
 def FastAugmentation() -> Augmentation:
     """Flip, small shift/scale, colour jitter: the cheap, strong default for real photos."""
     return Augmentation("FastAugmentation", hflip=0.5, shift_scale=(0.06, 0.1), jitter=(0.2, 0.2, 0.2, 0.05))
+
+
+@register_augmentation
+def StrongAugmentation() -> Augmentation:
+    """FastAugmentation's operations, stronger: rotation up to 15 degrees, larger shift/scale and colour jitter."""
+    return Augmentation("StrongAugmentation", hflip=0.5, shift_scale=(0.1, 0.2), rotate=15.0, jitter=(0.3, 0.3, 0.3, 0.05))
 
 
 @register_augmentation

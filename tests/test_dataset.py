@@ -438,7 +438,7 @@ def test_every_augmentation_builds_and_yields_size(samples, name):
         assert torch.equal(val_set[i][0], torch.from_numpy(store.decode(i)).permute(2, 0, 1))
 
 
-@pytest.mark.parametrize("name", ["FastAugmentation", "GoodAugmentation"])
+@pytest.mark.parametrize("name", ["FastAugmentation", "StrongAugmentation", "GoodAugmentation"])
 def test_train_augmentation_reproducible_per_epoch(samples, name):
     sub = samples[:14]
     aug = data.create_augmentation(name)
@@ -457,6 +457,20 @@ def test_train_augmentation_reproducible_per_epoch(samples, name):
     assert not torch.equal(e0, read(0, seed=1))
     plain = torch.stack([torch.from_numpy(store.decode(i)).permute(2, 0, 1) for i in idx])
     assert not torch.equal(e0, plain)  # the augmentation actually did something
+
+
+def test_rotation_turns_the_image_about_its_centre():
+    """`rotate` alone (no shift or scale): a bright dot right of the centre moves on a circle around it."""
+    img = np.zeros((41, 41, 3), np.uint8)
+    img[20, 35] = 255  # 15 px right of the centre (20, 20)
+    aug = data.Augmentation("rot", shift_scale=(0.0, 0.0), rotate=90.0)
+    angles = []
+    for seed in range(20):
+        out = aug.cpu_transform(img, np.random.default_rng(seed))
+        y, x = np.unravel_index(out[..., 0].argmax(), out.shape[:2])
+        assert abs(np.hypot(y - 20, x - 20) - 15) <= 1.5  # same distance from the centre
+        angles.append(np.degrees(np.arctan2(20 - y, x - 20)))  # counter-clockwise, as cv2 turns
+    assert max(np.abs(angles)) <= 90 + 5 and np.ptp(angles) > 45  # within +-rotate, and really varied
 
 
 def test_validation_ignores_random_augmentation(samples):
