@@ -5,9 +5,9 @@
 # Writes OUT_DIR/output.csv (and output_probs.csv). Training flags: recipes/realface_cpu.yaml.
 # Measured on 2 CPU cores: see README "Recipes" (wall time, and its 5-fold estimate on new people).
 # SEED=N (default 0) changes the initialisation of the new heads and the data order;
-# MODELS=fastaug (default) trains one model with flip + shift/scale + colour jitter; MODELS="flip fastaug"
-# predicts with the soft vote of that and a flip-only model, in twice the time (README: each one's
-# 5-fold estimate and wall time).
+# MODELS=fastaug (default) trains one model with flip + shift/scale + colour jitter, dropout and stochastic
+# depth; MODELS="flip fastaug" predicts with the soft vote of that and a flip-only model, in twice the time
+# (README: each one's 5-fold estimate and wall time).
 # TRACKING_URI=... logs the runs to MLflow (default: none, so the recipe writes nothing else).
 set -euo pipefail
 TRAIN_DIR=${1:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
@@ -15,27 +15,28 @@ EVAL_DIR=${2:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 OUT=${3:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 SEED=${SEED:-0}
 MODELS=${MODELS:-fastaug}
-augmentation_of() {  # the one place a model name is defined: its --augmentation
+flags_of() {  # the one place a model name is defined: its train.py flags on top of the yaml
   case $1 in
-    flip) echo FlipAugmentation ;;
-    fastaug) echo FastAugmentation ;;
+    flip) echo --augmentation FlipAugmentation ;;
+    fastaug) echo --augmentation FastAugmentation --dropout 0.2 --drop_path 0.2 ;;
     *) echo "error: MODELS: unknown model '$1' (known: flip fastaug)" >&2; return 2 ;;
   esac
 }
-for name in $MODELS; do augmentation_of "$name" > /dev/null || exit 2; done  # every name, before anything trains
+for name in $MODELS; do flags_of "$name" > /dev/null || exit 2; done  # every name, before anything trains
 [ -n "${MODELS// /}" ] || { echo "error: MODELS is empty (known: flip fastaug)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 start=$(date +%s)
 
 # 1. EfficientNet-Lite0 models (offline ImageNet weights), three heads (mask, gender, age group), 128x128,
-#    label smoothing, AdamW + one-cycle, 6 epochs on every person. They differ in augmentation: `flip`
-#    (flips only) and `fastaug` (flip + shift/scale + colour jitter); a later one reads the image cache
-#    the first one filled.
+#    label smoothing, AdamW + one-cycle, 6 epochs on every person. They differ in regularisation: `flip`
+#    (flips only) and `fastaug` (flip + shift/scale + colour jitter, dropout 0.2 before the heads,
+#    stochastic depth 0.2); a later one reads the image cache the first one filled.
 runs=()
 for name in $MODELS; do
   rm -rf "$OUT/model/$name"  # a re-run replaces its own run (train.py never overwrites one)
-  python train.py --config recipes/realface_cpu.yaml --augmentation "$(augmentation_of "$name")" --data_dir "$TRAIN_DIR" \
+  read -ra flags <<< "$(flags_of "$name")"
+  python train.py --config recipes/realface_cpu.yaml "${flags[@]}" --data_dir "$TRAIN_DIR" \
       --model_dir "$OUT/model" --name "$name" --seed "$SEED" --cache_dir "$OUT/cache" \
       --tracking_uri "${TRACKING_URI:-none}"
   runs+=("$OUT/model/$name")
