@@ -5,7 +5,8 @@ Public API (used by train.py):
 - ``CRITERIA``: registry ``name -> builder(num_classes, weight, **options)`` filled by ``@register_criterion``.
 - ``create_criterion(name, num_classes, task="all", class_weights=None, **options)``; for task "multi"
   a ``MultiHeadCriterion`` over the three heads (mask 3, gender 2, age 3), or with ``age_head="years"``
-  an ``AgeYearsLoss`` on the age head (cumulative targets age >= t from the raw age).
+  an ``AgeYearsLoss`` on the age head (cumulative targets age >= t from the raw age); ``age_sigma > 0``
+  spreads the age label over neighbouring years (``spread_age``) for either age head.
 - ``class_weights_from_labels(labels, num_classes)``: inverse-frequency weights (``--class_weights auto``).
 - ``compute_loss(criterion, output, target)``: handles Inception's ``(logits, aux_logits)``.
 - ``mixed_loss(criterion, output, target_a, target_b, lam)``: mixup / cutmix.
@@ -21,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from task import AGE_THRESHOLDS, HEAD_SIZES, get_task  # multi-head layout [mask 3 | gender 2 | age 3 or years]
+from task import AGE_THRESHOLDS, DEFAULT_AGE_BINS, HEAD_SIZES, get_task  # multi-head [mask 3 | gender 2 | age 3 or years]
 
 INCEPTION_AUX_WEIGHT = 0.4
 
 CRITERIA: dict[str, Callable[..., nn.Module]] = {}
 # Options understood by some criterion. An option meant for another criterion is ignored (train.py may
 # pass e.g. gamma and smoothing whatever the criterion); an option nobody knows is a TypeError (a typo).
-KNOWN_OPTIONS = {"gamma", "smoothing", "eps", "head_weights", "age_head"}
+KNOWN_OPTIONS = {"gamma", "smoothing", "eps", "head_weights", "age_head", "age_sigma", "age_bins"}
 
 
 def register_criterion(name: str) -> Callable:
@@ -141,17 +142,53 @@ def _f1(num_classes: int, weight: torch.Tensor | None = None, eps: float = 1e-7,
     return SoftF1Loss(num_classes, weight, eps)
 
 
+def spread_age(age: torch.Tensor, edges: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+    """[N, E] P(true age >= edge) for ages in years: the folder's age a (a whole year of life) read as
+    N(a + 0.5, sigma) years, a label distribution as in age estimation (DLDL); sigma 0 is the hard
+    label age >= edge."""
+    age = age.to(torch.float32)[:, None]
+    edges = edges.to(device=age.device, dtype=torch.float32)[None, :]
+    if sigma == 0:
+        return (age >= edges).to(torch.float32)
+    return torch.special.ndtr((age + 0.5 - edges) / sigma)
+
+
 class AgeYearsLoss(nn.Module):
     """Ordinal age loss (extended binary classification, as in OR-CNN): one binary cross-entropy per
-    threshold t of AGE_THRESHOLDS on the target "age >= t", averaged; the targets are ages in years."""
+    threshold t of AGE_THRESHOLDS on the target "age >= t" (spread by ``sigma`` years), averaged; the
+    targets are ages in years."""
 
-    def __init__(self, thresholds: Sequence[int] = AGE_THRESHOLDS) -> None:
+    def __init__(self, thresholds: Sequence[int] = AGE_THRESHOLDS, sigma: float = 0.0) -> None:
         super().__init__()
+        self.sigma = float(sigma)
         self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32), persistent=False)
 
     def forward(self, logits: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
-        target = (age.to(logits.dtype)[:, None] >= self.thresholds.to(logits.device)[None, :]).to(logits.dtype)
+        target = spread_age(age, self.thresholds, self.sigma).to(logits.dtype)
         return F.binary_cross_entropy_with_logits(logits, target)
+
+
+class SpreadAgeGroupLoss(nn.Module):
+    """Cross-entropy of the 3-group age head against the age spread by ``sigma`` years and split at
+    ``cuts`` (a person aged cut - 1 trains partly on the older group), mixed with ``smoothing`` /
+    3 per group as label smoothing does; the targets are ages in years."""
+
+    def __init__(self, cuts: Sequence[int] = DEFAULT_AGE_BINS, sigma: float = 3.0, smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
+        self.sigma, self.smoothing = float(sigma), float(smoothing)
+        self.register_buffer("cuts", torch.tensor(list(cuts), dtype=torch.float32), persistent=False)
+
+    def target(self, age: torch.Tensor) -> torch.Tensor:
+        """[N, 3] group probabilities: P(< cut 1), P(between), P(>= cut 2), smoothed."""
+        above = spread_age(age, self.cuts, self.sigma)  # [N, 2] P(age >= cut)
+        ones = torch.ones_like(above[:, :1])
+        groups = torch.cat([ones, above], 1) - torch.cat([above, torch.zeros_like(ones)], 1)
+        return (1.0 - self.smoothing) * groups + self.smoothing / groups.shape[1]
+
+    def forward(self, logits: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        return -(self.target(age) * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
 class MultiHeadCriterion(nn.Module):
@@ -183,8 +220,10 @@ def create_criterion(name: str, num_classes: int, task: str = "all",
     task "multi": ``num_classes`` is ignored; three criteria of the same kind sized (3, 2, 3) are summed
     with ``head_weights`` (default (1, 1, 1)); ``class_weights`` is None or a tuple of three tensors
     (an entry may be None). With ``age_head="years"`` the age head's criterion is ``AgeYearsLoss``
-    whatever ``name`` is (class weights apply to the mask and gender heads). Options: gamma (focal, 2.0),
-    smoothing (label_smoothing, 0.1), eps (f1, 1e-7), head_weights and age_head (multi).
+    whatever ``name`` is, and with ``age_sigma > 0`` on the bins head ``SpreadAgeGroupLoss`` at
+    ``age_bins`` (with label_smoothing's smoothing); class weights then apply to the mask and gender
+    heads. Options: gamma (focal, 2.0), smoothing (label_smoothing, 0.1), eps (f1, 1e-7), head_weights,
+    age_head, age_sigma (years, 0) and age_bins (multi).
     """
     if name not in CRITERIA:
         raise ValueError(f"unknown criterion {name!r}; known: {', '.join(CRITERIA)}")
@@ -193,8 +232,10 @@ def create_criterion(name: str, num_classes: int, task: str = "all",
         raise TypeError(f"unknown criterion options {sorted(unknown)}; known: {sorted(KNOWN_OPTIONS)}")
     head_weights = options.pop("head_weights", None)
     age_head = options.pop("age_head", "bins")
+    age_sigma = float(options.pop("age_sigma", 0.0))
+    age_bins = options.pop("age_bins", DEFAULT_AGE_BINS)
     builder = CRITERIA[name]
-    if not get_task(task, age_head).multihead:
+    if not get_task(task, age_head, age_sigma).multihead:
         return builder(num_classes, class_weights, **options)
     if class_weights is None:
         class_weights = (None,) * len(HEAD_SIZES)
@@ -204,7 +245,10 @@ def create_criterion(name: str, num_classes: int, task: str = "all",
     criteria = [builder(size, w, **options) for size, w in zip(HEAD_SIZES, class_weights)]
     sizes = HEAD_SIZES
     if age_head == "years":
-        criteria[2], sizes = AgeYearsLoss(), (*HEAD_SIZES[:2], len(AGE_THRESHOLDS))
+        criteria[2], sizes = AgeYearsLoss(sigma=age_sigma), (*HEAD_SIZES[:2], len(AGE_THRESHOLDS))
+    elif age_sigma > 0:
+        smoothing = options.get("smoothing", 0.1) if name == "label_smoothing" else 0.0
+        criteria[2] = SpreadAgeGroupLoss(age_bins, age_sigma, smoothing)
     return MultiHeadCriterion(criteria, head_weights if head_weights is not None else (1.0, 1.0, 1.0), sizes)
 
 

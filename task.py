@@ -5,7 +5,9 @@ three heads (mask 3 | gender 2 | age) whose product gives the 18 classes. A mult
 age head is either `bins` (softmax over the three age groups) or `years`: cumulative logits
 P(age >= t) for every year t in AGE_THRESHOLDS, trained on the raw age in the folder name, so
 the cut points are applied at prediction and can be fitted for macro F1 (`age_cuts`) without
-retraining.
+retraining. Either head can train on the age spread over neighbouring years (`age_sigma`, a label
+distribution: the folder's age a read as N(a + 0.5, sigma) years), so a person a year from a cut
+point trains partly on the next group instead of all on one.
 
 Consumers ask a `Task` (`get_task(name, age_head)` or `task_of(checkpoint)`) for the number of
 classes, head sizes, class names, training targets, probabilities from logits, the loss and the
@@ -15,6 +17,7 @@ only by the methods that take tensors, so importing this module stays cheap.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -185,6 +188,7 @@ class Task:
 
     name: str
     age_head: str = "bins"
+    age_sigma: float = 0.0  # years; > 0 trains the age head on the age spread over neighbouring years
 
     def __post_init__(self) -> None:
         num_classes(self.name)
@@ -192,6 +196,10 @@ class Task:
             raise ValueError(f"unknown age head {self.age_head!r}; known: {', '.join(AGE_HEADS)}")
         if self.age_head != "bins" and self.name != "multi":
             raise ValueError(f"--age_head {self.age_head} needs --task multi (a separate age head)")
+        if not (math.isfinite(self.age_sigma) and self.age_sigma >= 0):
+            raise ValueError(f"--age_sigma must be a number of years >= 0, got {self.age_sigma}")
+        if self.age_sigma > 0 and self.name != "multi":
+            raise ValueError("--age_sigma needs --task multi (a separate age head)")
 
     # ---- shape
     @property
@@ -211,6 +219,11 @@ class Task:
         return (3, 2, len(AGE_THRESHOLDS)) if self.age_head == "years" else HEAD_SIZES
 
     @property
+    def age_in_years(self) -> bool:
+        """Whether training targets carry the age in years (a years head, or a spread age label)."""
+        return self.multihead and (self.age_head == "years" or self.age_sigma > 0)
+
+    @property
     def report_task(self) -> str:
         """The task whose metrics describe this task's combined labels (multi -> all 18 classes)."""
         return "all" if self.multihead else self.name
@@ -224,17 +237,18 @@ class Task:
         return class_names(self.report_task, age_bins)
 
     def describe(self) -> str:
+        spread = f", age labels spread by {self.age_sigma:g} years" if self.age_sigma > 0 else ""
         if self.age_head == "years":
-            return f"{self.name} (18 classes, age from years {AGE_THRESHOLDS[0]}..{AGE_THRESHOLDS[-1]})"
-        return f"{self.name} ({self.num_classes} classes)"
+            return f"{self.name} (18 classes, age from years {AGE_THRESHOLDS[0]}..{AGE_THRESHOLDS[-1]}{spread})"
+        return f"{self.name} ({self.num_classes} classes{spread})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "age_head": self.age_head}
+        return {"name": self.name, "age_head": self.age_head, "age_sigma": self.age_sigma}
 
     # ---- targets
     def target(self, mask: int, gender: int, age_years: int, age_bins: Sequence[int]) -> int | tuple[int, int, int]:
         """What the model is trained on: a class id, or (mask, gender, age group | age in years)."""
-        if self.age_head == "years":
+        if self.age_in_years:
             return (mask, gender, int(age_years))
         return task_target(mask, gender, age_label(age_years, age_bins), self.name)
 
@@ -243,24 +257,25 @@ class Task:
         return task_target(mask, gender, age_label(age_years, age_bins), self.report_task)
 
     def head_labels(self, targets: np.ndarray) -> list[np.ndarray]:
-        """Per-head class labels of training targets, for class weights ([N] or [N, 3] targets)."""
+        """Per-head class labels of training targets, for class weights ([N] or [N, 3] targets); an age
+        head trained on years takes no class weights."""
         targets = np.asarray(targets)
         if not self.multihead:
             return [targets]
-        return [targets[:, i] for i in range(3)] if self.age_head == "bins" else [targets[:, 0], targets[:, 1]]
+        return [targets[:, 0], targets[:, 1]] if self.age_in_years else [targets[:, i] for i in range(3)]
 
     def head_classes(self) -> tuple[int, ...]:
         """Sizes of the softmax heads that class weights apply to (`head_labels` order)."""
         if not self.multihead:
             return (self.num_classes,)
-        return HEAD_SIZES if self.age_head == "bins" else HEAD_SIZES[:2]
+        return HEAD_SIZES[:2] if self.age_in_years else HEAD_SIZES
 
     def batch_labels(self, targets: "torch.Tensor", age_bins: Sequence[int]) -> "torch.Tensor":
         """Class ids (combined prediction) of a batch of training targets."""
         if not self.multihead:
             return targets
         mask, gender, age = targets.unbind(1)
-        if self.age_head == "years":
+        if self.age_in_years:
             import torch
 
             age = torch.bucketize(age.contiguous(), torch.tensor(list(age_bins), device=age.device), right=True)
@@ -299,18 +314,20 @@ class Task:
         return self.survival(logits[:, -len(AGE_THRESHOLDS):])
 
     # ---- loss
-    def criterion(self, name: str, class_weights=None, **options):
-        """The training loss for this task's outputs and targets (see loss.create_criterion)."""
+    def criterion(self, name: str, class_weights=None, age_bins: Sequence[int] = DEFAULT_AGE_BINS, **options):
+        """The training loss for this task's outputs and targets (see loss.create_criterion); `age_bins`
+        are the cut points a spread age label is split at."""
         from loss import create_criterion
 
         return create_criterion(name, self.num_classes, task=self.name, class_weights=class_weights,
-                                age_head=self.age_head, **options)
+                                age_head=self.age_head, age_sigma=self.age_sigma, age_bins=age_bins, **options)
 
 
-def get_task(name: str, age_head: str = "bins") -> Task:
-    return Task(name, age_head)
+def get_task(name: str, age_head: str = "bins", age_sigma: float = 0.0) -> Task:
+    return Task(name, age_head, float(age_sigma))
 
 
 def task_of(checkpoint: dict) -> Task:
-    """The task a checkpoint was trained for (format mask-toolkit/1)."""
-    return Task(checkpoint["task"], (checkpoint.get("task_options") or {}).get("age_head", "bins"))
+    """The task a checkpoint was trained for (format mask-toolkit/1; age_sigma absent in older files)."""
+    options = checkpoint.get("task_options") or {}
+    return Task(checkpoint["task"], options.get("age_head", "bins"), float(options.get("age_sigma", 0.0)))

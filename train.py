@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--age_head", default="bins", choices=AGE_HEADS,
                    help="multi-head age head: bins (softmax over the 3 groups) or years (ordinal over ages "
                         f"{AGE_THRESHOLDS[0]}..{AGE_THRESHOLDS[-1]} from the raw age; cut points applied at prediction)")
+    g.add_argument("--age_sigma", type=float, default=0.0, metavar="YEARS",
+                   help="multi-head: train the age head on each age spread over neighbouring years by a Gaussian of "
+                        "this many years (a label distribution: age 29 trains partly on 30-59); 0 = hard labels")
     g.add_argument("--augmentation", default="BaseAugmentation", help=f"one of {', '.join(data.AUGMENTATIONS)}")
     g.add_argument("--resize", nargs="+", type=int, default=None, metavar="H W",
                    help="input height and width, e.g. 224 224 (default: the model's documented size)")
@@ -292,7 +295,7 @@ class Settings:
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in vars(self).items() if k != "task"}
-        out.update(task=self.task.name, age_head=self.task.age_head, world_size=self.world)
+        out.update(task=self.task.name, age_head=self.task.age_head, age_sigma=self.task.age_sigma, world_size=self.world)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if k != "world"}
 
 
@@ -309,7 +312,7 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
         resize = tuple(args.resize or info.input_size)
         model_options = {**size_options(args.model, resize),
                          **regularization_options(args.model, args.dropout, args.drop_path)}
-        task = get_task(args.task or spec["task"], args.age_head)
+        task = get_task(args.task or spec["task"], args.age_head, args.age_sigma)
         if args.pretrained and not args.resume:
             check_pretrained(args.model)  # offline without cached weights: fail now, not after data setup
     except (ValueError, PretrainedUnavailable) as e:
@@ -584,8 +587,8 @@ def build_optimisation(args: argparse.Namespace, model: nn.Module, task: Task, t
         weights = [class_weights_from_labels(labels, n).to(device)
                    for labels, n in zip(task.head_labels(train_targets), task.head_classes())]
         weights = tuple(weights) if task.multihead else weights[0]
-    criterion = task.criterion(args.criterion, class_weights=weights, smoothing=args.smoothing, gamma=args.focal_gamma,
-                               head_weights=tuple(args.head_weights))
+    criterion = task.criterion(args.criterion, class_weights=weights, age_bins=tuple(args.age_bins), smoothing=args.smoothing,
+                               gamma=args.focal_gamma, head_weights=tuple(args.head_weights))
     params = trainable_parameters(model)
     optimizer = getattr(torch.optim, args.optimizer)(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.scheduler, args.lr, args.epochs, steps_per_epoch, args.warmup_epochs,

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import (CRITERIA, MultiHeadCriterion, class_weights_from_labels, compute_loss, create_criterion,
-                  mixed_loss)
+from loss import (CRITERIA, MultiHeadCriterion, SpreadAgeGroupLoss, class_weights_from_labels, compute_loss,
+                  create_criterion, mixed_loss, spread_age)
+from task import AGE_THRESHOLDS
 
 
 @pytest.fixture
@@ -184,3 +185,41 @@ def test_weights_follow_the_module_and_the_logits_dtype(batch):
     assert "weight" in dict(crit.named_buffers())  # moved by criterion.to(device)
     value = crit(logits.double(), target)
     assert value.dtype == torch.float64
+
+
+def test_spread_age_groups_split_a_gaussian_over_the_cut_points():
+    crit = SpreadAgeGroupLoss((30, 60), sigma=3.0)
+    q = crit.target(torch.tensor([18, 29, 30, 45, 58, 60, 75]))
+    assert torch.allclose(q.sum(1), torch.ones(7)) and (q >= 0).all()
+    # age 29 is read as N(29.5, 3): P(< 30) = Phi(0.5 / 3); 29 and 30 mirror each other about the cut
+    expected = float(torch.special.ndtr(torch.tensor(0.5 / 3)))
+    assert q[1, 0].item() == pytest.approx(expected) and q[2, 1].item() == pytest.approx(expected)
+    assert q[0, 0] > 0.999 and q[3, 1] > 0.999 and q[6, 2] > 0.999  # far from a cut: the hard label
+    assert q[4, 2] > 0.2 and q[5, 2] > 0.5  # 58 leans to 30-59, 60 to >= 60
+    logits, age = torch.randn(7, 3), torch.tensor([18, 29, 30, 45, 58, 60, 75])
+    hard = SpreadAgeGroupLoss((30, 60), sigma=1e-6, smoothing=0.1)(logits, age)  # sigma -> 0: label smoothing
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    assert torch.allclose(hard, F.cross_entropy(logits, groups, label_smoothing=0.1), atol=1e-6)
+    assert torch.allclose(SpreadAgeGroupLoss((30, 58), 1e-6)(logits, age), F.cross_entropy(logits, torch.tensor([0, 0, 1, 1, 2, 2, 2])))
+
+
+def test_spread_years_targets_and_the_multi_head_criterion():
+    edges = torch.tensor([40.0, 41.0])
+    assert spread_age(torch.tensor([40]), edges).tolist() == [[1.0, 0.0]]  # hard: age >= edge
+    assert spread_age(torch.tensor([40]), torch.tensor([40.5]), sigma=2.0).item() == pytest.approx(0.5)
+    logits = torch.randn(4, 3 + 2 + len(AGE_THRESHOLDS))
+    target = torch.tensor([[0, 1, 25], [1, 0, 59], [2, 1, 60], [0, 0, 70]])
+    years = create_criterion("label_smoothing", 18, task="multi", age_head="years", age_sigma=2.0)
+    ages = logits[:, 5:]
+    soft = spread_age(target[:, 2], torch.tensor(AGE_THRESHOLDS, dtype=torch.float32), 2.0)
+    assert 0 < soft[1, AGE_THRESHOLDS.index(60)] < 0.5 < soft[2, AGE_THRESHOLDS.index(60)] < 1
+    expected_age = F.binary_cross_entropy_with_logits(ages, soft)
+    mask_gender = (F.cross_entropy(logits[:, :3], target[:, 0], label_smoothing=0.1)
+                   + F.cross_entropy(logits[:, 3:5], target[:, 1], label_smoothing=0.1))
+    assert torch.allclose(years(logits, target), mask_gender + expected_age, atol=1e-6)
+    bins = create_criterion("label_smoothing", 18, task="multi", age_sigma=3.0, age_bins=(30, 58), smoothing=0.2)
+    spread = bins.criteria[2]
+    assert isinstance(spread, SpreadAgeGroupLoss) and spread.cuts.tolist() == [30, 58] and spread.smoothing == 0.2
+    assert create_criterion("cross_entropy", 18, task="multi", age_sigma=3.0).criteria[2].smoothing == 0.0
+    with pytest.raises(ValueError, match="needs --task multi"):
+        create_criterion("cross_entropy", 18, task="all", age_sigma=3.0)

@@ -58,6 +58,19 @@ def test_task_shapes_and_targets():
     assert years.label(2, 1, 59, (30, 58)) == 2 * 6 + 3 + 2
     with pytest.raises(ValueError, match="needs --task multi"):
         Task("all", "years")
+    spread = get_task("multi", "bins", 3)
+    assert spread.age_in_years and not get_task("multi").age_in_years
+    assert spread.target(2, 1, 58, (30, 60)) == (2, 1, 58) and spread.head_sizes == (3, 2, 3)  # years in, 3 groups out
+    assert spread.label(2, 1, 58, (30, 60)) == 2 * 6 + 3 + 1
+    assert spread.batch_labels(torch.tensor([[2, 1, 58], [0, 0, 60]]), (30, 60)).tolist() == [2 * 6 + 3 + 1, 2]
+    targets = np.array([[2, 1, 58], [0, 0, 20]])
+    assert len(spread.head_labels(targets)) == len(spread.head_classes()) == 2  # no class weights for ages
+    assert task_of({"task": "multi", "task_options": spread.to_dict()}) == spread
+    assert task_of({"task": "multi", "task_options": {"age_head": "bins"}}).age_sigma == 0.0  # older files
+    with pytest.raises(ValueError, match="--age_sigma needs --task multi"):
+        Task("all", "bins", 2.0)
+    with pytest.raises(ValueError, match="--age_sigma must be a number of years >= 0"):
+        Task("multi", "bins", -1.0)
     with pytest.raises(ValueError, match="known tasks"):
         get_task("gender")
 
@@ -195,7 +208,8 @@ def test_every_mlproject_parameter_is_a_train_flag_with_the_same_default():
 @pytest.mark.parametrize("flag, value, message", [
     ("--criterion", "focal_loss", "did you mean 'focal'"), ("--model", "resnet18", "did you mean 'ResNet18'"),
     ("--optimizer", "adamw", "did you mean 'AdamW'"), ("--lr", "-1", "--lr must be >= 0"),
-    ("--epochs", "0", "--epochs must be > 0"), ("--resize", "224", "H W, e.g. 224 224")])
+    ("--epochs", "0", "--epochs must be > 0"), ("--resize", "224", "H W, e.g. 224 224"),
+    ("--age_sigma", "2", "--age_sigma needs --task multi"), ("--age_sigma", "nan", "--age_sigma must be")])
 def test_bad_values_fail_before_any_work(flag, value, message, tmp_path):
     with pytest.raises(train.UsageError, match=re.escape(message)):
         train.main([flag, *value.split(), "--data_dir", str(tmp_path / "none"), "--model_dir", str(tmp_path / "m"),
@@ -219,6 +233,18 @@ def test_years_age_head_trains_calibrates_and_predicts(tiny_train, demo_root, tm
     assert inference.main(["--data_dir", str(demo_root / "eval"), "--model_dir", str(copy), "--output_dir",
                            str(tmp_path / "out"), "--num_workers", "0"]) == 0
     assert (tmp_path / "out" / "output.csv").is_file()
+
+
+def test_spread_age_labels_train_and_predict(tiny_train, demo_root, tmp_path):
+    run, out = tiny_train("--task", "multi", "--age_sigma", "3", "--epochs", "1")
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["task_options"] == {"name": "multi", "age_head": "bins", "age_sigma": 3.0}
+    assert ckpt["model"]["heads"] == [3, 2, 3] and "age labels spread by 3 years" in out
+    assert json.loads((run / "config.json").read_text())["age_sigma"] == 3.0
+    assert inference.main(["--data_dir", str(demo_root / "eval"), "--model_dir", str(run), "--output_dir",
+                           str(tmp_path / "out"), "--num_workers", "0"]) == 0
+    predicted = np.loadtxt(tmp_path / "out" / "output.csv", delimiter=",", skiprows=1, usecols=1)
+    assert predicted.size > 0 and predicted.min() >= 0 and predicted.max() < 18
 
 
 def test_calibrate_refuses_a_cross_validated_claim_for_overlapping_runs(trained_run, tmp_path, capsys):
