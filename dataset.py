@@ -976,10 +976,19 @@ def read_eval_info(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]
     if info.empty:
         raise DataError(f"info.csv has no rows: {info_path}")
     paths = [str(root / "images" / str(image_id)) for image_id in info["ImageID"]]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise DataError(f"image listed in info.csv not found: {p}")
+    missing = [f"not found: {p}" for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(listed_images_error(missing, len(paths)))
     return info, paths
+
+
+def listed_images_error(problems: Sequence[str], total: int, shown: int = 5) -> str:
+    """One line for every bad image info.csv lists (`problems`: "why: path"), the first few named,
+    so a user fixes them all in one go rather than one per run."""
+    if len(problems) == 1:
+        return f"image listed in info.csv {problems[0]}"
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"{len(problems)} of {total} images listed in info.csv cannot be used: {'; '.join(problems[:shown])}{more}"
 
 
 # Names users already type (SPEC §3): how each splits and which labels it yields.

@@ -224,10 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise InferenceError(f"--output_dir exists and is not a folder: {out_dir}")
     info, paths = data.read_eval_info(args.data_dir)
-    for p in paths:
-        reason = data.check_image(p)
-        if reason:
-            raise InferenceError(f"{reason}: {p}")
+    bad = [f"{reason}: {p}" for p in paths if (reason := data.check_image(p))]
+    if bad:  # every listed image needs a prediction: name them all before any work
+        raise InferenceError(data.listed_images_error(bad, len(paths)))
     run = dict(batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta, device=device,
                cache_dir=args.cache_dir)
     models = [args.mask_model_dir, args.genderage_model_dir] if args.isEnsemble else args.model_dir

@@ -245,6 +245,24 @@ def test_bad_inputs_raise_one_line_errors_naming_the_file(trained_run, mask_run,
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_every_bad_listed_image_is_named_at_once(trained_run, demo_root, tmp_path):
+    eval_dir = _eval_dir(tmp_path / "eval", demo_root, n=3)
+    images = sorted((eval_dir / "images").iterdir())
+    images[0].write_bytes(images[0].read_bytes()[:300])
+    images[2].write_bytes(b"")
+    with pytest.raises(inference.InferenceError) as err:
+        infer(tmp_path / "out", "--data_dir", eval_dir, "--model_dir", trained_run)
+    message = str(err.value)
+    assert message.startswith("2 of 3 images listed in info.csv cannot be used")
+    assert f"): {images[0]}" in message and f"empty file: {images[2]}" in message and str(images[1]) not in message
+    with open(eval_dir / "info.csv", "a") as f:
+        f.writelines(f"gone{i}.jpg,0\n" for i in range(7))
+    with pytest.raises(data.DataError, match=r"^7 of 10 images listed in info.csv cannot be used: not found: .*gone0.jpg"
+                                             r".*gone4.jpg; and 2 more$"):
+        infer(tmp_path / "out", "--data_dir", eval_dir, "--model_dir", trained_run)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_cli_exits_2_with_one_line(trained_run, mask_run, demo_root, tmp_path, cli):
     cases = _bad_inputs(tmp_path, demo_root, trained_run, mask_run[0])
     procs = {name: cli(["inference.py", *cases[name][0], "--output_dir", tmp_path / "out", "--num_workers", "0"])
