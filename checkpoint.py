@@ -3,7 +3,7 @@ inference needs: model, task, classes, age bins, image size, crop, normalisation
 written atomically and loadable with `torch.load(weights_only=True)`.
 
 Format `mask-toolkit/1` (a dict):
-    format, model {name, num_classes, multihead, heads, options}, task, task_options {age_head},
+    format, model {name, num_classes, multihead, heads, options}, task, task_options {name, age_head, age_sigma},
     classes, age_bins, preprocess {resize, crop, mean, std}, class_offsets, age_cuts,
     args (the run's config: what was asked), resolved (what the run derived from it),
     label_overrides (the corrections --label_overrides applied: person, image, kind, label, suggested;
