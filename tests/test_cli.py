@@ -164,8 +164,8 @@ def test_run_in_a_process_sigterm_exits_143_quietly(tmp_path):
 
         def main():
             warnings.warn("careful")
-            print("started", flush=True)
-            try:
+            try:  # "started" inside the try: a signal right after it must still reach the handler
+                print("started", flush=True)
                 time.sleep(60)
             except KeyboardInterrupt:
                 print("interrupted: continue with --resume x", flush=True)
