@@ -170,8 +170,8 @@ class AgeYearsLoss(nn.Module):
 
 class SpreadAgeGroupLoss(nn.Module):
     """Cross-entropy of the 3-group age head against the age spread by ``sigma`` years and split at
-    ``cuts`` (a person aged cut - 1 trains partly on the older group), mixed with ``smoothing`` /
-    3 per group as label smoothing does; the targets are ages in years."""
+    ``cuts`` (a person aged cut - 1 trains partly on the older group), with label smoothing
+    ``smoothing``; the targets are ages in years."""
 
     def __init__(self, cuts: Sequence[int] = DEFAULT_AGE_BINS, sigma: float = 3.0, smoothing: float = 0.0) -> None:
         super().__init__()
@@ -181,14 +181,14 @@ class SpreadAgeGroupLoss(nn.Module):
         self.register_buffer("cuts", torch.tensor(list(cuts), dtype=torch.float32), persistent=False)
 
     def target(self, age: torch.Tensor) -> torch.Tensor:
-        """[N, 3] group probabilities: P(< cut 1), P(between), P(>= cut 2), smoothed."""
+        """[N, 3] group probabilities: P(< cut 1), P(between), P(>= cut 2)."""
         above = spread_age(age, self.cuts, self.sigma)  # [N, 2] P(age >= cut)
         ones = torch.ones_like(above[:, :1])
-        groups = torch.cat([ones, above], 1) - torch.cat([above, torch.zeros_like(ones)], 1)
-        return (1.0 - self.smoothing) * groups + self.smoothing / groups.shape[1]
+        return torch.cat([ones, above], 1) - torch.cat([above, torch.zeros_like(ones)], 1)
 
     def forward(self, logits: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
-        return -(self.target(age) * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+        # probability targets: cross_entropy mixes in smoothing / 3 per group as it does for class ids
+        return F.cross_entropy(logits.float(), self.target(age), label_smoothing=self.smoothing)
 
 
 class MultiHeadCriterion(nn.Module):
@@ -246,9 +246,8 @@ def create_criterion(name: str, num_classes: int, task: str = "all",
     sizes = HEAD_SIZES
     if age_head == "years":
         criteria[2], sizes = AgeYearsLoss(sigma=age_sigma), (*HEAD_SIZES[:2], len(AGE_THRESHOLDS))
-    elif age_sigma > 0:
-        smoothing = options.get("smoothing", 0.1) if name == "label_smoothing" else 0.0
-        criteria[2] = SpreadAgeGroupLoss(age_bins, age_sigma, smoothing)
+    elif age_sigma > 0:  # the smoothing the criterion built for the age head (label_smoothing's), else none
+        criteria[2] = SpreadAgeGroupLoss(age_bins, age_sigma, getattr(criteria[2], "smoothing", 0.0))
     return MultiHeadCriterion(criteria, head_weights if head_weights is not None else (1.0, 1.0, 1.0), sizes)
 
 
