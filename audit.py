@@ -323,7 +323,8 @@ def data_people(runs: Sequence[Path]) -> int | None:
         root = data.images_root(folder) if folder else None
     except data.DataError:
         return None
-    return sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root else None
+    return sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+               and p.name not in data.SYSTEM_DIRS) if root else None
 
 
 def run_audit(run_args: Sequence[str], out: str | os.PathLike, sheet: int = SHEET_ROWS) -> list[Suspicion]:

@@ -40,6 +40,8 @@ cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubs
 MASK_KINDS = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 GENDERS = {"male": 0, "female": 1}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+# Folders the OS leaves beside the data (macOS zips: __MACOSX; Synology NAS: @eaDir): never a person.
+SYSTEM_DIRS = {"__MACOSX", "@eaDir"}
 PERSON_DIR = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>[^_]+)_(?P<age>[^_]+)$")
 
 
@@ -77,11 +79,42 @@ def images_root(data_dir: str | os.PathLike) -> Path:
     return root
 
 
+# In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; anything else
+# after a run of 0xFF (fill bytes) is the next marker.
+_JPEG_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+
+
+def jpeg_complete(path: str | os.PathLike) -> bool:
+    """Whether the JPEG stream reaches its end-of-image marker, found by walking the segments (so an
+    EXIF thumbnail's marker does not count); bytes after it do not matter. Reads the whole file."""
+    data = Path(path).read_bytes()
+    pos = 2  # after SOI
+    while pos + 1 < len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xD9:
+            return True
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
+                found = _JPEG_NEXT_MARKER.search(data, pos)
+                if found is None:
+                    return False
+                pos = found.start()
+    return False
+
+
 def check_image(path: str | os.PathLike) -> str | None:
     """Cheap validity check without a full decode: returns why the file is bad, or None.
 
-    Reads the header (PIL) and the last bytes: a JPEG must end with its EOI marker and a
-    PNG with its IEND chunk, which catches the truncated files a crashed copy leaves.
+    Reads the header (PIL) and the last bytes: a JPEG must end with its EOI marker (or, when
+    something follows it, reach it: `jpeg_complete`) and a PNG with its IEND chunk, which
+    catches the truncated files a crashed copy leaves.
     """
     path = Path(path)
     try:
@@ -95,7 +128,9 @@ def check_image(path: str | os.PathLike) -> str | None:
             tail = f.read()
     except Exception as e:  # PIL raises several types for garbage
         return f"unreadable image ({e.__class__.__name__})"
-    if fmt == "JPEG" and b"\xff\xd9" not in tail[-4:] and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+    # MPO: a phone's multi-picture JPEG (PIL's name for it); OpenCV decodes its first picture
+    if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail[-4:] and not tail.rstrip(b"\x00").endswith(b"\xff\xd9") \
+            and not jpeg_complete(path):  # phones append trailers (Samsung, motion photos) after the marker
         return "truncated JPEG (no end-of-image marker)"
     if fmt == "PNG" and b"IEND" not in tail:
         return "truncated PNG (no IEND chunk)"
@@ -111,14 +146,15 @@ def discover(
 ) -> list[Sample]:
     """Find every training image of the competition layout.
 
-    Hidden files (`._mask1.jpg`, `.DS_Store`) and non-image files are skipped and
-    counted; structural problems raise DataError naming the path; bad images raise
+    Hidden files (`._mask1.jpg`, `.DS_Store`), OS folders (`__MACOSX`) and non-image files are
+    skipped and counted; structural problems raise DataError naming the path; bad images raise
     too unless `skip_bad_images`, which warns and drops them. `label_overrides` (an
     audit.csv, see `read_label_overrides`) corrects labels without touching the files;
     a row that names something not in the data raises DataError.
     """
     root = images_root(data_dir)
-    people = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    people = sorted(p for p in root.iterdir()
+                    if p.is_dir() and not p.name.startswith(".") and p.name not in SYSTEM_DIRS)
     if not people:
         raise DataError(f"no person folders (<id>_<gender>_<race>_<age>) in {root}")
     samples: list[Sample] = []
@@ -968,14 +1004,27 @@ def read_eval_info(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]
     if not info_path.is_file():
         raise DataError(f"info.csv not found: {info_path}")
     try:
-        info = pd.read_csv(info_path)
+        # Cells as written: an ImageID "0012" or "NA" stays that text. index_col=False: a row with
+        # more cells than the header must not shift ImageID into pandas' index.
+        info = pd.read_csv(info_path, dtype=str, keep_default_na=False, index_col=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"info.csv is empty: {info_path}") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise DataError(f"cannot read info.csv ({e.__class__.__name__}: {str(e).strip().splitlines()[0]}): "
+                        f"{info_path}") from None
+    info.columns = [str(c).strip() for c in info.columns]  # "ImageID, ans": as evaluation.py reads it
     if "ImageID" not in info.columns:
         raise DataError(f"info.csv has no ImageID column: {info_path}")
     if info.empty:
         raise DataError(f"info.csv has no rows: {info_path}")
-    paths = [str(root / "images" / str(image_id)) for image_id in info["ImageID"]]
+    info["ImageID"] = info["ImageID"].str.strip()  # evaluation.py pairs rows by the stripped ImageID
+    if (info["ImageID"] == "").any():
+        raise DataError(f"info.csv has {int((info['ImageID'] == '').sum())} empty ImageID(s): {info_path}")
+    repeated = info["ImageID"][info["ImageID"].duplicated()].unique().tolist()
+    if repeated:  # output.csv would repeat them too, which evaluation.py rejects
+        raise DataError(f"info.csv lists {len(repeated)} ImageID(s) more than once "
+                        f"({examples([repr(i) for i in repeated])}): {info_path}")
+    paths = [str(root / "images" / image_id) for image_id in info["ImageID"]]
     missing = [f"not found: {p}" for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(listed_images_error(missing, len(paths)))

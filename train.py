@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -914,8 +915,8 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     summary = f"best val macro F1 {best['f1']:.4f} (epoch {best['epoch'] + 1}), " if d.val_loader else ""
     log(f"done: {summary}checkpoints in {run_dir}"
         + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker.run_id else "")
-        + f"\n  predict: python inference.py --model_dir {run_dir} --state {'best_f1' if d.val_loader else 'last'} "
-          "--data_dir <eval folder>")
+        + f"\n  predict: python inference.py --model_dir {shlex.quote(str(run_dir))} "  # pasteable with spaces
+          f"--state {'best_f1' if d.val_loader else 'last'} --data_dir <eval folder>")
     return RunResult(run_dir, best, metrics)
 
 
@@ -995,7 +996,7 @@ def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: 
             from serving import log_model
             log_model(parent, parent_dir, args.register_model)
         log(cv_report(summary, args.kfold) + f"\n  folds in {parent_dir}; predict with all of them: "
-            f"python inference.py --model_dir {parent_dir} --data_dir <eval folder>")
+            f"python inference.py --model_dir {shlex.quote(str(parent_dir))} --data_dir <eval folder>")
     return summary
 
 

@@ -144,6 +144,9 @@ def test_discover_skips_hidden_and_non_image_files(demo, tmp_path, capsys):
     (second / "notes.txt").write_text("not an image")
     (train / "images" / ".DS_Store").write_bytes(b"Bud1")
     (train / "images" / ".hidden_dir").mkdir()
+    for junk in ("__MACOSX", "@eaDir"):  # a zip made on a Mac, a Synology NAS
+        (train / "images" / junk / first.name).mkdir(parents=True)
+        (train / "images" / junk / first.name / "._mask1.jpg").write_bytes(b"\x00\x05\x16\x07")
     found = data.discover(train)
     out = capsys.readouterr().out
     assert len(found) == 14
@@ -628,6 +631,35 @@ def test_cache_filled_by_dataloader_workers(samples, tmp_path):
         assert torch.equal(got[i], torch.from_numpy(expected).permute(2, 0, 1))
 
 
+def test_check_image_accepts_jpeg_with_data_after_the_end_marker(demo, tmp_path):
+    # Phones append trailers after a JPEG's end marker (Samsung's SEFT block, a motion photo's video):
+    # the image is whole and decodes; only a stream that never reaches the marker is truncated.
+    raw = next((demo / "train" / "images").glob("*/mask1.jpg")).read_bytes()
+    for name, tail in (("samsung", b"SEFH" + os.urandom(200) + b"SEFT"), ("padded", b"\x00" * 4096),
+                       ("video", os.urandom(20000))):
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(raw + tail)
+        assert data.check_image(path) is None, name
+        assert data.ImageStore([str(path)], SIZE)[0].shape == (*SIZE, 3)
+    cut = tmp_path / "cut.jpg"
+    for n in (len(raw) // 3, len(raw) - 2):
+        for filler in (b"", b"\x00" * (len(raw) - n), os.urandom(64).replace(b"\xff", b"\x00")):
+            cut.write_bytes(raw[:n] + filler)  # a crashed copy, possibly zero-filled to full size
+            assert "truncated JPEG" in data.check_image(cut)
+
+
+def test_check_image_catches_a_truncated_multi_picture_jpeg(demo, tmp_path):
+    # Phones save multi-picture JPEGs (PIL: "MPO") as .jpg; cut inside its first picture, OpenCV
+    # would decode a grey-filled image without an error.
+    photo = Image.open(next((demo / "train" / "images").glob("*/mask1.jpg")))
+    path = tmp_path / "phone.jpg"
+    photo.save(path, format="MPO", save_all=True, append_images=[photo.resize((24, 32))])
+    assert Image.open(path).format == "MPO" and data.check_image(path) is None
+    raw = path.read_bytes()
+    path.write_bytes(raw[: raw.index(b"\xff\xda") + 100])  # inside the first picture's image data
+    assert Image.open(path).format == "MPO" and "truncated JPEG" in data.check_image(path)
+
+
 # --------------------------------------------------------------------------- eval info
 def test_read_eval_info_row_order_and_test_dataset(demo):
     info, paths = data.read_eval_info(demo / "eval")
@@ -661,6 +693,43 @@ def test_read_eval_info_errors(demo, tmp_path):
     (eval_dir / "info.csv").unlink()
     with pytest.raises(DataError, match=re.escape(str(eval_dir / "info.csv"))):
         data.read_eval_info(eval_dir)
+
+
+def test_read_eval_info_reads_ids_as_written(demo, tmp_path):
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(demo / "eval", eval_dir)
+    ids = [line.split(",")[0] for line in (eval_dir / "info.csv").read_text().splitlines()[1:]]
+    for odd in ("0012", "NA"):  # not the number 12, not a missing value
+        shutil.copy(eval_dir / "images" / ids[0], eval_dir / "images" / odd)
+    rows = [f" {ids[0]} , 0", f"{ids[1]},0", "0012,0", "NA,0"]
+    (eval_dir / "info.csv").write_bytes(("\ufeffImageID , ans\r\n" + "\r\n".join(rows) + "\r\n").encode())
+    info, paths = data.read_eval_info(eval_dir)
+    assert list(info["ImageID"]) == [ids[0], ids[1], "0012", "NA"]
+    assert paths == [str(eval_dir / "images" / i) for i in info["ImageID"]]
+    # a trailing comma on every row (but not the header) must not turn ImageID into pandas' index
+    (eval_dir / "info.csv").write_text("ImageID,ans\n" + "".join(f"{i},0,\n" for i in ids[:3]))
+    with pytest.warns(Warning, match="header"):  # pandas' ParserWarning about the extra cells
+        info, _ = data.read_eval_info(eval_dir)
+    assert list(info["ImageID"]) == ids[:3]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("ImageID,ans\na.jpg,0\nb.jpg,0\na.jpg,0\n", "more than once ('a.jpg')"),
+    ("ImageID,ans\na.jpg,0\n ,0\n", "1 empty ImageID"),
+    (b"ImageID,ans\ncaf\xe9.jpg,0\n", "UnicodeDecodeError"),
+    ("ImageID,ans\r\n".encode("utf-16"), "UnicodeDecodeError"),
+    ("ImageID,ans\na.jpg,0\nb.jpg,0,x,y\n", "ParserError"),
+], ids=["duplicate", "empty_id", "latin1", "utf16", "ragged"])
+def test_read_eval_info_bad_csv_is_one_line_error(tmp_path, content, expected):
+    (tmp_path / "images").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / name)
+    info = tmp_path / "info.csv"
+    info.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError) as err:
+        data.read_eval_info(tmp_path)
+    message = str(err.value)
+    assert expected in message and str(info) in message and "\n" not in message
 
 
 # --------------------------------------------------------------------------- messages (issue 18 item 5)
