@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from cli import ToolkitError, examples
@@ -484,8 +484,8 @@ def load_image(path: str | os.PathLike, reduce: int = 1) -> np.ndarray:
         img, bgr = cv2.imread(str(path), _REDUCED_FLAGS[reduce]), True
     if img is None:  # OpenCV returns None rather than raising; PIL names the problem better
         try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
+            with Image.open(path) as im:  # upright, as OpenCV reads it
+                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         except Exception as e:
             raise DataError(f"cannot decode image ({e.__class__.__name__}): {path}") from None
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else img

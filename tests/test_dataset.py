@@ -795,3 +795,18 @@ def test_loader_workers_leave_termination_signals_to_the_main_process():
     assert chained.tolist() == [1, 1]  # and the caller's worker_init_fn still ran
     assert signal.getsignal(signal.SIGTERM) == before  # the main process is untouched
     del loader
+
+
+def test_load_image_pil_fallback_turns_exif_rotated_photos_upright(tmp_path, monkeypatch):
+    """When OpenCV cannot open a file (a GIF, a non-ASCII path on Windows), PIL's result is as upright as OpenCV's."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white: rotation moves it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    upright = data.load_image(path)
+    assert upright.shape == (40, 20, 3)  # OpenCV applies the EXIF orientation
+    monkeypatch.setattr(data.cv2, "imread", lambda *a, **k: None)
+    fallback = data.load_image(path)
+    assert fallback.shape == upright.shape and np.abs(fallback.astype(int) - upright).mean() < 3
