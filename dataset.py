@@ -176,12 +176,13 @@ def discover(
             if file.name.startswith("."):
                 skipped["hidden file"] = skipped.get("hidden file", 0) + 1
                 continue
-            if file.suffix.lower() not in IMAGE_EXTENSIONS or file.stem not in MASK_KINDS or not file.is_file():
+            kind = file.stem.lower()  # "Normal.JPG" from a camera or a case-insensitive disk is a normal photo
+            if file.suffix.lower() not in IMAGE_EXTENSIONS or kind not in MASK_KINDS or not file.is_file():
                 skipped["not a mask image"] = skipped.get("not a mask image", 0) + 1
                 continue
-            if file.stem in found:
-                raise DataError(f"two files for {file.stem!r}: {found[file.stem]} and {file}")
-            found[file.stem] = file
+            if kind in found:
+                raise DataError(f"two files for {kind!r}: {found[kind]} and {file}")
+            found[kind] = file
         for kind, file in found.items():
             reason = check_image(file)
             if reason:
@@ -394,12 +395,12 @@ def _override_row(person: str, image: str, kind: str, label: str, suggested: str
             raise ValueError("no suggested age")
         suggested = str(int(round(float(suggested))))
     elif kind == "mask_swap":
-        if Path(image).stem not in MASK_KINDS:
+        if Path(image).stem.lower() not in MASK_KINDS:
             raise ValueError(f"{image!r} is not a mask image ({', '.join(MASK_KINDS)})")
         for value in filter(None, (suggested, label)):
             if value not in MASK_KINDS:
                 raise ValueError(f"mask kind must be one of {', '.join(MASK_KINDS)}, got {value!r}")
-        if not suggested or suggested == (label or Path(image).stem):
+        if not suggested or suggested == (label or Path(image).stem.lower()):
             raise ValueError(f"a mask swap needs the other image's kind as suggested, got {suggested!r}")
     elif suggested.lower() != DROP:
         raise ValueError(f"an outlier override's suggested value is {DROP}, got {suggested!r}")

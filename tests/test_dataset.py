@@ -175,6 +175,20 @@ def test_discover_accepts_mixed_case_extensions_and_png(demo, tmp_path):
     assert all(store[i].shape == (*SIZE, 3) for i in range(len(store)))
 
 
+def test_discover_reads_kind_names_in_any_case(demo, tmp_path):
+    """"Normal.JPG" is the normal photo (cameras, case-insensitive disks); a second spelling of one kind is an error."""
+    train = _copy_people(demo, tmp_path, 1)
+    person = _people(train)[0]
+    (person / "normal.jpg").rename(person / "Normal.JPG")
+    (person / "incorrect_mask.jpg").rename(person / "INCORRECT_MASK.jpg")
+    by_kind = {s.kind: s for s in data.discover(train, verbose=False)}
+    assert len(by_kind) == 7 and by_kind["normal"].mask == 2 and by_kind["incorrect_mask"].mask == 1
+    assert Path(by_kind["normal"].path).name == "Normal.JPG"
+    shutil.copy(person / "mask1.jpg", person / "Mask1.png")
+    with pytest.raises(DataError, match="two files for 'mask1'"):
+        data.discover(train, verbose=False)
+
+
 def _rename_person(train: Path, new_name: str) -> Path:
     person = _people(train)[0]
     target = person.parent / new_name
