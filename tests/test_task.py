@@ -264,7 +264,7 @@ def test_recipe_config_files_are_valid_train_configs():
         assert args.model == yaml.safe_load(config.read_text())["model"]
 
 
-@pytest.mark.parametrize("models, message", [("flip bogus", "unknown model 'bogus' (known: flip fastaug)"),
+@pytest.mark.parametrize("models, message", [("flip bogus", "unknown model 'bogus' (known: flip fastaug fastaug96)"),
                                              (" ", "MODELS is empty")])
 def test_realface_recipe_rejects_unknown_models_before_training(tmp_path, models, message):
     """A typo in MODELS stops the recipe at once, not after the first model's training."""
@@ -273,3 +273,27 @@ def test_realface_recipe_rejects_unknown_models_before_training(tmp_path, models
                             env={**os.environ, "MODELS": models}, capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr
     assert not out.exists()
+
+
+def test_realface_recipe_trains_a_repeated_model_with_the_next_seed(tmp_path):
+    """MODELS="fastaug96 fastaug96 flip": each run its own folder and seed, all of them soft-voted."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"  # records what the recipe would run instead of training
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(ROOT / "recipes" / "realface_cpu.sh"), "train", "eval", str(out)],
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                 "MODELS": "fastaug96 fastaug96 flip", "SEED": "3"},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    trains = [line.split() for line in calls.read_text().splitlines() if line.startswith("train.py")]
+    value = lambda argv, flag: argv[argv.index(flag) + 1]
+    assert [(value(a, "--name"), value(a, "--seed")) for a in trains] == [
+        ("fastaug96", "3"), ("fastaug96-seed4", "4"), ("flip", "3")]
+    assert value(trains[0], "--resize") == "96" and "--resize" not in trains[2]
+    predict = [line.split() for line in calls.read_text().splitlines() if line.startswith("inference.py")]
+    assert len(predict) == 1
+    runs = predict[0][predict[0].index("--model_dir") + 1:predict[0].index("--state")]
+    assert runs == [str(out / "model" / n) for n in ("fastaug96", "fastaug96-seed4", "flip")]
