@@ -171,6 +171,8 @@ def discover(
         if not match["age"].isdigit():
             raise DataError(f"age is not a number ({match['age']!r}): {person}")
         age = int(match["age"])
+        if age >= 130:  # a typo ("300") would silently train as ">=60"
+            raise DataError(f"age {age} is not a person's age: {person}")
         found: dict[str, Path] = {}
         for file in sorted(person.iterdir()):
             if file.name.startswith("."):

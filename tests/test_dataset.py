@@ -208,6 +208,10 @@ def _bad_age(train):
     return _rename_person(train, "000001_male_Asian_thirty")
 
 
+def _impossible_age(train):
+    return _rename_person(train, "000001_male_Asian_300")
+
+
 def _two_files(train):
     person = _people(train)[0]
     shutil.copy(person / "mask1.jpg", person / "mask1.png")
@@ -227,8 +231,9 @@ def _garbage(train):
     return path
 
 
-@pytest.mark.parametrize("breaker", [_bad_folder, _bad_gender, _bad_age, _two_files, _truncated, _garbage],
-                         ids=["folder_name", "gender", "age", "two_files", "truncated", "garbage"])
+@pytest.mark.parametrize("breaker", [_bad_folder, _bad_gender, _bad_age, _impossible_age, _two_files, _truncated,
+                                     _garbage],
+                         ids=["folder_name", "gender", "age", "impossible_age", "two_files", "truncated", "garbage"])
 def test_discover_bad_input_raises_one_line_error_naming_path(demo, tmp_path, breaker):
     train = _copy_people(demo, tmp_path, 2)
     bad_path = breaker(train)
