@@ -78,17 +78,21 @@ def predict_probs(ckpt: dict, paths: list[str], batch_size: int = 256, num_worke
     transform = data.BatchTransform(pre["mean"], pre["std"], channels_last=True)
     store = data.ImageStore(paths, pre["resize"], pre["crop"], cache_dir)
     loader = data.make_loader(data.TestDataset(store), batch_size, num_workers=num_workers, pin_memory=cuda)
+    batches = loader
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
-        loader = tqdm(loader, desc=f"predict {ckpt['model']['name']}", leave=False)
+        batches = tqdm(loader, desc=f"predict {ckpt['model']['name']}", leave=False)
     out = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        for images, _ in loader:
-            x = transform(images.to(device, non_blocking=True))
-            probs = task.probs(model(x).float(), age_cuts)
-            if tta == "hflip":
-                probs = (probs + task.probs(model(torch.flip(x, dims=[3])).float(), age_cuts)) / 2
-            out.append(probs.cpu())
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            for images, _ in batches:
+                x = transform(images.to(device, non_blocking=True))
+                probs = task.probs(model(x).float(), age_cuts)
+                if tta == "hflip":
+                    probs = (probs + task.probs(model(torch.flip(x, dims=[3])).float(), age_cuts)) / 2
+                out.append(probs.cpu())
+    finally:
+        data.close_loaders(loader)
     if cache_dir:
         store.finalize()
     return torch.cat(out).numpy()

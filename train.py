@@ -827,6 +827,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     tracker = start_tracking(args, s, run_dir, resumed, parent)
     task, epoch, saved_epoch, metrics = s.task, -1, -1, {}
     best = {"acc": -1.0, "f1": -1.0, "epoch": -1, "stale": 0}
+    d = None
     try:
         with tracker:
             seed_everything(args.seed + rank)  # distinct dropout/mixup draws per process; data order is seeded apart
@@ -908,10 +909,13 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 from serving import log_model
                 log_model(tracker, run_dir, args.register_model)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the tracker ended the run as KILLED
-        # Only the exit code leaves: the exception's traceback would keep the DataLoader (and its
-        # workers, which ignore SIGTERM) alive until interpreter exit, which then waits for them.
+        # Only the exit code leaves, not the traceback and the frames it holds; `finally` stops the
+        # loaders' workers (they ignore SIGTERM, so interpreter exit would wait for them forever).
         log(interrupted_message(run_dir, epoch, saved_epoch))
         return RunResult(run_dir, best, metrics, exit_code=cli.exit_code(e))
+    finally:
+        if d is not None:
+            data.close_loaders(d.train_loader, d.val_loader)
     summary = f"best val macro F1 {best['f1']:.4f} (epoch {best['epoch'] + 1}), " if d.val_loader else ""
     log(f"done: {summary}checkpoints in {run_dir}"
         + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker.run_id else "")

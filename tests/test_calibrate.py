@@ -84,7 +84,7 @@ def test_holdout_layout_and_no_person_overlap(demo_root, tmp_path):
     train = data.discover(out / "train", verbose=False)
     info, paths = data.read_eval_info(out / "eval")
     gt = pd.read_csv(out / "gt" / "gt.csv")
-    assert list(info["ImageID"]) == list(gt["ImageID"]) and (info["ans"] == 0).all()
+    assert list(info["ImageID"]) == list(gt["ImageID"]) and (info["ans"] == "0").all()  # cells read as text
     source = {s.path: s for s in data.discover(demo_root / "train", verbose=False)}
     by_resolved = {Path(p).resolve(): s for p, s in source.items()}
     eval_samples = [by_resolved[Path(p).resolve()] for p in paths]

@@ -829,3 +829,15 @@ def test_load_image_pil_fallback_turns_exif_rotated_photos_upright(tmp_path, mon
     monkeypatch.setattr(data.cv2, "imread", lambda *a, **k: None)
     fallback = data.load_image(path)
     assert fallback.shape == upright.shape and np.abs(fallback.astype(int) - upright).mean() < 3
+
+
+def test_close_loaders_stops_persistent_workers_now():
+    """Workers ignore SIGTERM, so they must be shut down by the loader, not left to interpreter exit."""
+    loader = data.make_loader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=4, num_workers=1)
+    assert [b[0].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    workers = list(loader._iterator._workers)
+    assert workers and all(w.is_alive() for w in workers)  # persistent: alive between epochs
+    data.close_loaders(loader, None)
+    assert loader._iterator is None and not any(w.is_alive() for w in workers)
+    assert [b[0].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # usable again
+    data.close_loaders(loader)
