@@ -323,8 +323,7 @@ def data_people(runs: Sequence[Path]) -> int | None:
         root = data.images_root(folder) if folder else None
     except data.DataError:
         return None
-    return sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-               and p.name not in data.SYSTEM_DIRS) if root else None
+    return len(data.person_dirs(root)) if root else None
 
 
 def run_audit(run_args: Sequence[str], out: str | os.PathLike, sheet: int = SHEET_ROWS) -> list[Suspicion]:

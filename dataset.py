@@ -42,6 +42,7 @@ GENDERS = {"male": 0, "female": 1}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 # Folders the OS leaves beside the data (macOS zips: __MACOSX; Synology NAS: @eaDir): never a person.
 SYSTEM_DIRS = {"__MACOSX", "@eaDir"}
+MAX_AGE = 130  # years: a folder name or an override above it is a typo, not a person
 PERSON_DIR = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>[^_]+)_(?P<age>[^_]+)$")
 
 
@@ -82,6 +83,11 @@ def images_root(data_dir: str | os.PathLike) -> Path:
 # In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; anything else
 # after a run of 0xFF (fill bytes) is the next marker.
 _JPEG_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+
+
+def person_dirs(root: Path) -> list[Path]:
+    """The person folders under an `images_root`, sorted: hidden and OS folders are not people."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SYSTEM_DIRS)
 
 
 def jpeg_complete(path: str | os.PathLike) -> bool:
@@ -153,8 +159,7 @@ def discover(
     a row that names something not in the data raises DataError.
     """
     root = images_root(data_dir)
-    people = sorted(p for p in root.iterdir()
-                    if p.is_dir() and not p.name.startswith(".") and p.name not in SYSTEM_DIRS)
+    people = person_dirs(root)
     if not people:
         raise DataError(f"no person folders (<id>_<gender>_<race>_<age>) in {root}")
     samples: list[Sample] = []
@@ -171,7 +176,7 @@ def discover(
         if not match["age"].isdigit():
             raise DataError(f"age is not a number ({match['age']!r}): {person}")
         age = int(match["age"])
-        if age >= 130:  # a typo ("300") would silently train as ">=60"
+        if age >= MAX_AGE:  # a typo ("300") would silently train as ">=60"
             raise DataError(f"age {age} is not a person's age: {person}")
         found: dict[str, Path] = {}
         for file in sorted(person.iterdir()):
@@ -391,18 +396,19 @@ def _override_row(person: str, image: str, kind: str, label: str, suggested: str
                 age = float(value)
             except ValueError:
                 raise ValueError(f"age must be a number of years, got {value!r}") from None
-            if not 0 < age < 130:
-                raise ValueError(f"age must be between 0 and 130, got {value!r}")
+            if not 0 < age < MAX_AGE:
+                raise ValueError(f"age must be between 0 and {MAX_AGE}, got {value!r}")
         if not suggested:
             raise ValueError("no suggested age")
         suggested = str(int(round(float(suggested))))
     elif kind == "mask_swap":
-        if Path(image).stem.lower() not in MASK_KINDS:
+        image_kind = Path(image).stem.lower()  # as discover reads file names
+        if image_kind not in MASK_KINDS:
             raise ValueError(f"{image!r} is not a mask image ({', '.join(MASK_KINDS)})")
         for value in filter(None, (suggested, label)):
             if value not in MASK_KINDS:
                 raise ValueError(f"mask kind must be one of {', '.join(MASK_KINDS)}, got {value!r}")
-        if not suggested or suggested == (label or Path(image).stem.lower()):
+        if not suggested or suggested == (label or image_kind):
             raise ValueError(f"a mask swap needs the other image's kind as suggested, got {suggested!r}")
     elif suggested.lower() != DROP:
         raise ValueError(f"an outlier override's suggested value is {DROP}, got {suggested!r}")
@@ -1021,8 +1027,9 @@ def read_eval_info(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]
     if info.empty:
         raise DataError(f"info.csv has no rows: {info_path}")
     info["ImageID"] = info["ImageID"].str.strip()  # evaluation.py pairs rows by the stripped ImageID
-    if (info["ImageID"] == "").any():
-        raise DataError(f"info.csv has {int((info['ImageID'] == '').sum())} empty ImageID(s): {info_path}")
+    empty = int((info["ImageID"] == "").sum())
+    if empty:
+        raise DataError(f"info.csv has {empty} empty ImageID(s): {info_path}")
     repeated = info["ImageID"][info["ImageID"].duplicated()].unique().tolist()
     if repeated:  # output.csv would repeat them too, which evaluation.py rejects
         raise DataError(f"info.csv lists {len(repeated)} ImageID(s) more than once "
