@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop_steps", type=int, default=4,
                    help="timed batches of the training-loop comparison (cache/decode x workers; 0 = skip)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--freeze_blocks", type=int, default=0, metavar="N",
+                   help="also time the fp32 channels_last train step with train.py's --freeze_blocks N (stem + first "
+                        "N stages frozen; EfficientNet-style models), side by side with the others")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -244,6 +247,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, device: 
 # model.default_amp says (CUDA only: on a CPU bf16 is faster but was not F1-safe).
 TRAIN_VARIANTS = {"train_fp32_ips": (False, False), "train_fp32_channels_last_ips": (True, False),
                   "train_amp_channels_last_ips": (True, True)}
+FREEZE_VARIANT = "train_fp32_channels_last_frozen_ips"  # with --freeze_blocks N: only the later stages learn
 INFER_VARIANTS = {"infer_contiguous_ips": (False, False), "infer_channels_last_ips": (True, False),
                   "infer_amp_channels_last_ips": (True, True)}
 
@@ -257,7 +261,7 @@ def default_variant(device: torch.device, variants: dict[str, tuple[bool, bool]]
 
 
 def bench_model(args, device: torch.device) -> dict:
-    from model import amp_dtype, create_model  # the precision train.py and inference.py use
+    from model import amp_dtype, create_model, trainable_parameters  # the precision train.py and inference.py use
 
     b, (h, w) = args.batch_size, args.resize
     gen = torch.Generator().manual_seed(args.seed)
@@ -265,15 +269,15 @@ def bench_model(args, device: torch.device) -> dict:
     targets = torch.randint(0, NUM_CLASSES, (b,), generator=gen).to(device)
     dtype = amp_dtype(device)
 
-    def build(channels_last: bool, train: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    def build(channels_last: bool, train: bool, **options) -> tuple[torch.nn.Module, torch.Tensor]:
         torch.manual_seed(args.seed)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = create_model(args.model, NUM_CLASSES).to(device).to(memory_format=fmt)
+        model = create_model(args.model, NUM_CLASSES, **options).to(device).to(memory_format=fmt)
         return model.train(train), inputs.contiguous(memory_format=fmt)
 
-    def train_step(channels_last: bool, amp: bool) -> Callable[[], None]:
-        model, x = build(channels_last, True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    def train_step(channels_last: bool, amp: bool, **options) -> Callable[[], None]:
+        model, x = build(channels_last, True, **options)
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
         scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
 
         def step() -> None:
@@ -294,6 +298,8 @@ def bench_model(args, device: torch.device) -> dict:
         return step
 
     train = {name: train_step(*variant) for name, variant in TRAIN_VARIANTS.items()}
+    if args.freeze_blocks:
+        train[FREEZE_VARIANT] = train_step(True, False, freeze_blocks=args.freeze_blocks)
     infer = {"infer_eager_ips": infer_step(False, False, torch.no_grad),  # the plain fp32 eager loop
              **{name: infer_step(*variant, torch.inference_mode) for name, variant in INFER_VARIANTS.items()}}
     out: dict = {}
@@ -375,11 +381,14 @@ def table(result: dict) -> str:
     labels = {"train_fp32_ips": "train step  fp32, contiguous",
               "train_fp32_channels_last_ips": "train step  fp32, channels_last",
               "train_amp_channels_last_ips": f"train step  {amp}, channels_last",
+              FREEZE_VARIANT: f"train step  fp32, channels_last, --freeze_blocks {result.get('freeze_blocks')}",
               "infer_eager_ips": "inference   fp32 eager loop, no_grad (infer_eager_ips)",
               "infer_contiguous_ips": "inference   inference_mode, fp32, contiguous",
               "infer_channels_last_ips": "inference   inference_mode, fp32, channels_last",
               "infer_amp_channels_last_ips": f"inference   inference_mode, {amp}, channels_last"}
     for key, label in labels.items():
+        if key not in result:  # the frozen variant, when not asked for
+            continue
         mark = "  <- default" if key in (result["train_default"], result["infer_default"]) else ""
         lines.append(f"  {label:58s}{result[key]:10.1f}{mark}")
     loops = {k: v for k, v in result.items() if k.startswith("loop_")}
@@ -426,6 +435,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.model.startswith(zoo.TIMM_PREFIX):  # a typo: one line with the known names, before any work
         args.model = cli.choose(args.model, zoo.MODELS, "--model")
     info = zoo.model_info(args.model)
+    try:
+        zoo.regularization_options(args.model, freeze_blocks=args.freeze_blocks)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     load_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
@@ -449,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
         "second_run_decodes": one["second_run_decodes"],
         **model_result, **loop,
         "default_workers_cache": 0, "default_workers_decode": data.default_num_workers(),
-        "resize": list(args.resize), "model": args.model, "device": str(device),
+        "resize": list(args.resize), "model": args.model, "freeze_blocks": args.freeze_blocks, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "n_images": len(paths), "image_source": source,

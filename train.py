@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dropout on the pooled features before the head (default: the model's own)")
     g.add_argument("--drop_path", type=float, default=None,
                    help="stochastic depth rate, e.g. 0.2 (EfficientNet / timm models; default: the model's own, off)")
+    g.add_argument("--freeze_blocks", type=int, default=0, metavar="N",
+                   help="freeze the stem and the first N stages of an EfficientNet / timm EfficientNet-style backbone "
+                        "(default 0: everything trains); 2 nearly doubles a CPU training step at 128x128")
     g.add_argument("--criterion", default="cross_entropy", help="cross_entropy, focal, label_smoothing, f1")
     g.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing strength (default 0.1)")
     g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma (default 2)")
@@ -312,7 +315,7 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
         info = model_info(args.model)
         resize = tuple(args.resize or info.input_size)
         model_options = {**size_options(args.model, resize),
-                         **regularization_options(args.model, args.dropout, args.drop_path)}
+                         **regularization_options(args.model, args.dropout, args.drop_path, args.freeze_blocks)}
         task = get_task(args.task or spec["task"], args.age_head, args.age_sigma)
         if args.pretrained and not args.resume:
             check_pretrained(args.model)  # offline without cached weights: fail now, not after data setup

@@ -168,7 +168,8 @@ def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys):
 
     cases = {("--model", "resnet18"): "unknown --model 'resnet18'; known: ", ("--batch_size", "0"): "--batch_size must",
              ("--n", "-1"): "--n must be >= 0", ("--data_dir", str(tmp_path / "nope")): "--data_dir not found",
-             ("--device", "gpu0"): "unknown --device 'gpu0'"}
+             ("--device", "gpu0"): "unknown --device 'gpu0'",
+             ("--model", "SmallCNN", "--freeze_blocks", "2"): "model SmallCNN has no --freeze_blocks"}
     for argv, fragment in cases.items():
         code = cli.call(lambda: bench.main([*argv, "--num_workers", "0"]))
         captured = capsys.readouterr()
@@ -178,3 +179,15 @@ def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys):
     cli.call(lambda: bench.main(["--model", "resnet18"]))
     assert "(did you mean 'ResNet18'?)" in capsys.readouterr().err
     assert "issue" not in bench.build_parser().format_help().lower()
+
+
+def test_bench_times_a_frozen_stem_side_by_side(capsys):
+    """--freeze_blocks N adds train.py's frozen-stem step next to the others (not a default, so unmarked)."""
+    result = bench.main(["--n", "4", "--resize", "32", "32", "--model", "EfficientNetLite0", "--batch_size", "2",
+                         "--warm_epochs", "0", "--train_steps", "0", "--num_workers", "0", "--device", "cpu",
+                         "--loop_steps", "0", "--freeze_blocks", "2"])
+    out = capsys.readouterr().out
+    assert result[bench.FREEZE_VARIANT] > 0 and result["freeze_blocks"] == 2
+    row = next(line for line in out.splitlines() if "--freeze_blocks 2" in line)
+    assert "<- default" not in row
+    assert bench.FREEZE_VARIANT in json.loads(out.strip().splitlines()[-1])

@@ -193,6 +193,43 @@ def test_dropout_and_drop_path_reach_timm_and_act_in_training_only(name):
     assert not any(type(mod).__name__ == "DropPath" for mod in plain.modules())
 
 
+@pytest.mark.parametrize("name", ["EfficientNetLite0", "timm:mobilenetv3_small_100"])
+def test_freeze_blocks_freezes_the_stem_and_the_first_stages_only(name):
+    """--freeze_blocks 2: the stem and stages 0-1 neither learn nor move their BatchNorm statistics in a
+    training step; everything after them does."""
+    options = zoo.regularization_options(name, freeze_blocks=2)
+    assert options == {"freeze_blocks": 2}
+    torch.manual_seed(0)
+    m = create_model(name, 18, multihead=True, **options)
+    net = m.net if name.startswith("Efficient") else m.net[0]
+    frozen = {id(mod) for mod in (net.conv_stem, net.bn1, net.blocks[0], net.blocks[1])}
+    prefixes = tuple(n + "." for n, mod in m.named_modules() if id(mod) in frozen)
+    assert len(prefixes) == 4
+    for n, p in m.named_parameters():
+        assert p.requires_grad != n.startswith(prefixes), n
+    before = {n: v.clone() for n, v in m.state_dict().items()}
+    optimizer = torch.optim.SGD(trainable_parameters(m), lr=0.5)
+    m.train()(torch.randn(4, 3, 64, 64)).square().mean().backward()
+    optimizer.step()
+    changed = {n for n, v in m.state_dict().items() if not torch.equal(v, before[n])}
+    assert not {n for n in changed if n.startswith(prefixes)}  # weights and running statistics alike
+    assert any(".blocks.2." in n and "running_mean" in n for n in changed)  # later stages still adapt
+    assert any(n.startswith(prefixes) and "running_mean" in n for n in before)  # the check saw frozen BN
+
+
+def test_freeze_blocks_rejects_what_a_network_cannot_freeze():
+    assert zoo.regularization_options("EfficientNetLite0", freeze_blocks=0) == {}  # the default: nothing recorded
+    assert zoo.regularization_options("EfficientNetLite0", freeze_blocks=7) == {"freeze_blocks": 7}
+    with pytest.raises(ValueError, match=r"--freeze_blocks must be in \[0, 7\] for this network, got 8"):
+        zoo.regularization_options("EfficientNetLite0", freeze_blocks=8)
+    with pytest.raises(ValueError, match="--freeze_blocks must be 0 or more, got -1"):
+        zoo.regularization_options("EfficientNetLite0", freeze_blocks=-1)
+    with pytest.raises(ValueError, match="ResNet18 has no --freeze_blocks; models that have it: .*EfficientNetLite0"):
+        zoo.regularization_options("ResNet18", freeze_blocks=2)
+    with pytest.raises(ValueError, match="needs an EfficientNet-style network .*not ResNet"):
+        zoo.regularization_options("timm:resnet18", freeze_blocks=2)
+
+
 def test_regularization_options_reject_what_a_model_lacks():
     assert zoo.regularization_options("ResNet18") == {}  # None keeps the model's own default
     assert zoo.regularization_options("ResNet18Dropout", dropout=0.1) == {"dropout": 0.1}

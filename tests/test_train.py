@@ -386,6 +386,46 @@ def test_dropout_and_drop_path_are_recorded_and_rebuilt(tiny_train_args, demo_ro
     assert not (tmp_path / "m").exists()
 
 
+def test_freeze_blocks_is_recorded_and_rebuilt_frozen(tiny_train_args, demo_root, tmp_path, monkeypatch):
+    """--freeze_blocks is a build option: in config.json and the checkpoint; the stem and the first stages
+    leave training exactly as they were built, the rest learns, and inference rebuilds the frozen network."""
+    import inference
+    import model as zoo
+
+    built = {}
+    real_create = zoo.create_model
+
+    def spy(*a, **k):
+        net = real_create(*a, **k)
+        if next(net.parameters()).device.type != "meta":  # not the flag check's build on the meta device
+            built.setdefault("initial", {n: v.clone() for n, v in net.state_dict().items()})
+        return net
+
+    monkeypatch.setattr(zoo, "create_model", spy)
+    rc, run = run_train(tmp_path, tiny_train_args, demo_root / "train", "--model", "EfficientNetLite0",
+                        "--pretrained", "False", "--resize", "32", "32", "--mode", "all", "--epochs", "1",
+                        "--freeze_blocks", "2")
+    assert rc == 0
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["model"]["options"] == {"freeze_blocks": 2}
+    assert json.loads((run / "config.json").read_text())["freeze_blocks"] == 2
+    initial, trained = built["initial"], ckpt["state_dict"]
+    frozen = [k for k in trained if k.startswith(("net.conv_stem.", "net.bn1.", "net.blocks.0.", "net.blocks.1."))]
+    assert frozen and all(torch.equal(initial[k], trained[k]) for k in frozen)  # weights and BN statistics
+    later = [k for k in trained if k.startswith(("net.blocks.2.", "net.classifier."))]
+    assert later and sum(not torch.equal(initial[k], trained[k]) for k in later) > len(later) // 2
+    rebuilt = build_model(ckpt)
+    assert not any(p.requires_grad for p in rebuilt.net.blocks[1].parameters())
+    assert all(p.requires_grad for p in rebuilt.net.blocks[2].parameters())
+    assert inference.main(["--data_dir", str(demo_root / "eval"), "--model_dir", str(run), "--state", "last",
+                           "--output_dir", str(tmp_path / "out"), "--num_workers", "0"]) == 0
+    assert len(pd.read_csv(tmp_path / "out" / "output.csv")) == len(pd.read_csv(demo_root / "eval" / "info.csv"))
+    with pytest.raises(train.UsageError, match=r"--freeze_blocks must be in \[0, 7\]"):
+        train.main(["--model", "EfficientNetLite0", "--pretrained", "False", "--freeze_blocks", "8",
+                    "--data_dir", str(demo_root / "train"), "--model_dir", str(tmp_path / "m"), "--tracking_uri", "none"])
+    assert not (tmp_path / "m").exists()
+
+
 def test_vit_trains_and_predicts_at_a_non_default_size(tiny_train_args, demo_root, tmp_path):
     """ViT positional embeddings are sized for the input: the size is a build option, recorded
     in the checkpoint, so inference rebuilds the same network."""
