@@ -115,12 +115,25 @@ def jpeg_complete(path: str | os.PathLike) -> bool:
     return False
 
 
+def png_complete(path: str | os.PathLike) -> bool:
+    """Whether the PNG's chunks (length, type, data, CRC) run whole to its IEND chunk; bytes after it
+    (an editor's or uploader's trailer) do not matter. Reads the whole file."""
+    data = Path(path).read_bytes()
+    pos = 8  # after the signature
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        pos += 12 + length
+        if kind == b"IEND":
+            return pos <= len(data)
+    return False
+
+
 def check_image(path: str | os.PathLike) -> str | None:
     """Cheap validity check without a full decode: returns why the file is bad, or None.
 
-    Reads the header (PIL) and the last bytes: a JPEG must end with its EOI marker (or, when
-    something follows it, reach it: `jpeg_complete`) and a PNG with its IEND chunk, which
-    catches the truncated files a crashed copy leaves.
+    Reads the header (PIL) and the last bytes: a JPEG must end with its EOI marker and a PNG with
+    its IEND chunk (or, when something follows them, reach them: `jpeg_complete`, `png_complete`),
+    which catches the truncated files a crashed copy leaves.
     """
     path = Path(path)
     try:
@@ -138,7 +151,7 @@ def check_image(path: str | os.PathLike) -> str | None:
     if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail[-4:] and not tail.rstrip(b"\x00").endswith(b"\xff\xd9") \
             and not jpeg_complete(path):  # phones append trailers (Samsung, motion photos) after the marker
         return "truncated JPEG (no end-of-image marker)"
-    if fmt == "PNG" and b"IEND" not in tail:
+    if fmt == "PNG" and b"IEND" not in tail and not png_complete(path):
         return "truncated PNG (no IEND chunk)"
     return None
 
@@ -1035,10 +1048,21 @@ def read_eval_info(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]
         raise DataError(f"info.csv lists {len(repeated)} ImageID(s) more than once "
                         f"({examples([repr(i) for i in repeated])}): {info_path}")
     paths = [str(root / "images" / image_id) for image_id in info["ImageID"]]
-    missing = [f"not found: {p}" for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise DataError(listed_images_error(missing, len(paths)))
+        raise DataError(listed_images_error([f"not found: {p}" for p in missing], len(paths))
+                        + extension_hint(missing))
     return info, paths
+
+
+def extension_hint(missing: Sequence[str]) -> str:
+    """When an ImageID was written without its file's extension (`abc` for images/abc.jpg), say so."""
+    for path in missing[:20]:
+        for suffix in sorted(IMAGE_EXTENSIONS | {e.upper() for e in IMAGE_EXTENSIONS}):
+            if os.path.isfile(path + suffix):
+                return (f" (an ImageID names the file with its extension: {Path(path).name!r} is "
+                        f"{Path(path).name + suffix!r} in images/)")
+    return ""
 
 
 def listed_images_error(problems: Sequence[str], total: int, shown: int = 5) -> str:

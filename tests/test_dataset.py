@@ -667,6 +667,23 @@ def test_check_image_accepts_jpeg_with_data_after_the_end_marker(demo, tmp_path)
             assert "truncated JPEG" in data.check_image(cut)
 
 
+def test_check_image_accepts_png_with_data_after_iend_and_refuses_a_cut_one(demo, tmp_path):
+    photo = Image.open(next((demo / "train" / "images").glob("*/mask1.jpg")))
+    whole = tmp_path / "whole.png"
+    photo.save(whole)
+    raw = whole.read_bytes()
+    for name, tail in (("padded", b"\x00" * 4096), ("trailer", os.urandom(300))):
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(raw + tail)
+        assert data.check_image(path) is None, name
+        assert np.array_equal(data.load_image(path), data.load_image(whole))
+    cut = tmp_path / "cut.png"
+    for n in (len(raw) // 2, len(raw) - 16):  # inside the image data; inside the last data chunk's CRC
+        for filler in (b"", b"\x00" * 64):
+            cut.write_bytes(raw[:n] + filler)
+            assert "truncated PNG" in data.check_image(cut), (n, len(filler))
+
+
 def test_check_image_catches_a_truncated_multi_picture_jpeg(demo, tmp_path):
     # Phones save multi-picture JPEGs (PIL: "MPO") as .jpg; cut inside its first picture, OpenCV
     # would decode a grey-filled image without an error.
@@ -702,6 +719,14 @@ def test_read_eval_info_errors(demo, tmp_path):
     with pytest.raises(DataError) as err:
         data.read_eval_info(eval_dir)
     assert str(gone) in str(err.value) and "\n" not in str(err.value)
+    assert "extension" not in str(err.value)  # no hint when nothing else is there
+
+    ids = [Path(p).name for p in paths]  # ImageIDs written without the extension: name the file they meant
+    (eval_dir / "info.csv").write_text("ImageID,ans\n" + "".join(f"{Path(i).stem},0\n" for i in ids[4:7]))
+    with pytest.raises(DataError) as err:
+        data.read_eval_info(eval_dir)
+    assert str(err.value).endswith(f"(an ImageID names the file with its extension: {Path(ids[4]).stem!r} is "
+                                   f"{ids[4]!r} in images/)"), err.value
 
     (eval_dir / "info.csv").write_text("")
     with pytest.raises(DataError, match="info.csv"):
