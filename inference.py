@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+ENSEMBLE_STEMS = ("output_mask", "output_genderAge", "output_ensemble")  # --isEnsemble's files beside output.csv
+
+
 def prepare_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
     """The checkpoint's network in eval mode on `device`, channels_last (measured faster for inference
     on CPU too, bench.py); build it once to predict many batches (a served model)."""
@@ -247,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.isEnsemble:
             p_mask, p_ga, probs = mask_genderage_pair(args.mask_model_dir, args.genderage_model_dir, args.state, paths,
                                                       **run)
-            write_outputs(info, p_mask, p_mask.argmax(1), out_dir, "output_mask")
-            write_outputs(info, p_ga, p_ga.argmax(1), out_dir, "output_genderAge")
+            write_outputs(info, p_mask, p_mask.argmax(1), out_dir, ENSEMBLE_STEMS[0])
+            write_outputs(info, p_ga, p_ga.argmax(1), out_dir, ENSEMBLE_STEMS[1])
             pred = probs.argmax(1)
-            write_outputs(info, probs, pred, out_dir, "output_ensemble")
+            write_outputs(info, probs, pred, out_dir, ENSEMBLE_STEMS[2])
         else:
             probs, pred, _, _ = soft_vote(args.model_dir, args.state, paths, args.weights, args.offsets, **run)
+            stale = [f"{stem}.csv" for stem in ENSEMBLE_STEMS if (out_dir / f"{stem}.csv").exists()]
+            if stale:  # left by an earlier --isEnsemble run into this folder: not this run's answers
+                print(f"note: {out_dir} also holds {', '.join(stale)} from an earlier --isEnsemble run; "
+                      f"this run's answers are output.csv")
         written = write_outputs(info, probs, pred, out_dir, "output")
         print(class_count_summary(pred, probs.shape[1]))
         print(f"wrote {written} and {written.with_name(written.stem + '_probs.csv')}")

@@ -146,7 +146,8 @@ def test_hflip_tta_is_mirror_invariant(trained_run, tmp_path):
 
 
 # --------------------------------------------------------------------------- ensembles
-def test_mask_genderage_ensemble_is_the_product_of_probabilities(mask_run, genderage_run, demo_root, tmp_path):
+def test_mask_genderage_ensemble_is_the_product_of_probabilities(mask_run, genderage_run, trained_run, demo_root,
+                                                                 tmp_path, capsys):
     out = infer(tmp_path, "--data_dir", demo_root / "eval", "--isEnsemble", "True",
                 "--mask_model_dir", mask_run[0], "--genderage_model_dir", genderage_run[0])
     for stem in ("output_mask", "output_genderAge", "output_ensemble", "output"):
@@ -165,6 +166,10 @@ def test_mask_genderage_ensemble_is_the_product_of_probabilities(mask_run, gende
         got_ids, ans = read_ans(out / f"{stem}.csv")
         assert got_ids == ids and (ans == expected).all(), stem
     np.testing.assert_allclose(read_probs(out / "output_probs.csv")[1].sum(1), 1.0, atol=1e-5)
+    capsys.readouterr()
+    infer(out, "--data_dir", demo_root / "eval", "--model_dir", trained_run)  # a plain run into the same folder
+    assert (f"note: {out} also holds output_mask.csv, output_genderAge.csv, output_ensemble.csv from an earlier "
+            f"--isEnsemble run; this run's answers are output.csv") in capsys.readouterr().out
 
 
 def test_soft_vote_is_the_mean_of_single_model_probabilities(trained_run, multi_run, single, demo_root, tmp_path):
