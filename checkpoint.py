@@ -166,6 +166,19 @@ def load_resumable(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def check_resumable(ckpt: dict, model_name: str, model_options: dict, task: Task, path: str | os.PathLike) -> None:
+    """The network a resumed run builds must be the one its last.pth holds (else loading its weights
+    fails with a page of missing keys): one line naming what differs."""
+    saved = {"model": ckpt["model"]["name"], "model options": ckpt["model"].get("options", {}),
+             "task": ckpt["task"], "heads": ckpt["model"].get("heads")}
+    wanted = {"model": model_name, "model options": dict(model_options), "task": task.name,
+              "heads": list(task.head_sizes) if task.head_sizes else None}
+    differ = [f"{key} {saved[key]!r} there, {wanted[key]!r} here" for key in saved if saved[key] != wanted[key]]
+    if differ:
+        raise CheckpointError(f"--resume {path} holds another network ({'; '.join(differ)}): give the flags "
+                              f"it was trained with, or none (they are read from its config.json)")
+
+
 def set_decision(path: str | os.PathLike, class_offsets: Sequence[float] | None = None,
                  age_cuts: Sequence[int] | None = None) -> dict:
     """Store a decision rule (per-class log offsets and/or fitted age cut points) in a checkpoint."""

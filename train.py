@@ -35,7 +35,7 @@ from torch import nn
 
 import cli
 import dataset as data
-from checkpoint import CheckpointSaver, build_metadata, load_resumable
+from checkpoint import CheckpointSaver, build_metadata, check_resumable, load_resumable
 from cli import UsageError
 from fileio import atomic_write_text
 from task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
@@ -199,11 +199,16 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags; `--config FILE` first sets the parser's defaults, so flags given still win."""
+    """Parse flags; `--resume RUN/last.pth` (that run's config.json), then `--config FILE` set the parser's
+    defaults, so flags given still win."""
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--resume", default=None)
     first, _ = pre.parse_known_args(argv)
+    saved = Path(first.resume).parent / "config.json" if first.resume else None
+    if saved is not None and saved.is_file():  # `--resume <run>/last.pth` alone continues the run as it was
+        parser.set_defaults(**load_config(saved, parser))
     if first.config:
         parser.set_defaults(**load_config(first.config, parser))
     args = parser.parse_args(argv)
@@ -825,6 +830,8 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     """Build data, model, optimisation and tracking for `args`, then run the epoch loop."""
     resumed = load_resumable(args.resume) if args.resume else None
     s = resolve_settings(args, device, world)
+    if resumed:
+        check_resumable(resumed, args.model, s.model_options, s.task, args.resume)
     run_dir = Path(broadcast(str(Path(args.resume).parent if args.resume else free_run_dir(args.model_dir, args.name)),
                              world))
     tracker = start_tracking(args, s, run_dir, resumed, parent)

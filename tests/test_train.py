@@ -21,7 +21,7 @@ from sklearn.metrics import f1_score
 
 import dataset as data
 import train
-from checkpoint import build_model, load_checkpoint
+from checkpoint import CheckpointError, build_model, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -424,6 +424,26 @@ def test_freeze_blocks_is_recorded_and_rebuilt_frozen(tiny_train_args, demo_root
         train.main(["--model", "EfficientNetLite0", "--pretrained", "False", "--freeze_blocks", "8",
                     "--data_dir", str(demo_root / "train"), "--model_dir", str(tmp_path / "m"), "--tracking_uri", "none"])
     assert not (tmp_path / "m").exists()
+
+
+def test_resume_alone_continues_the_run_as_it_was_trained(tiny_train_args, demo_root, tmp_path, capsys):
+    """`train.py --resume <run>/last.pth` without the training flags rebuilds the run's own network (its
+    config.json); flags that build another network are one line naming the difference."""
+    rc, run = run_train(tmp_path, tiny_train_args, demo_root / "train", "--model", "EfficientNetLite0",
+                        "--pretrained", "False", "--resize", "32", "32", "--mode", "all", "--epochs", "1",
+                        "--freeze_blocks", "2")
+    assert rc == 0
+    capsys.readouterr()
+    assert train.main(["--resume", str(run / "last.pth"), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'last.pth'} at epoch 2" in out and "model EfficientNetLite0" in out
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["epoch"] == 1 and ckpt["model"]["options"] == {"freeze_blocks": 2}
+    assert ckpt["preprocess"]["resize"] == [32, 32]
+    with pytest.raises(CheckpointError, match=r"holds another network \(model options \{'freeze_blocks': 2\} "
+                                              r"there, \{'freeze_blocks': 1\} here\)"):
+        train.main(["--resume", str(run / "last.pth"), "--epochs", "3", "--freeze_blocks", "1"])
+    assert load_checkpoint(run / "last.pth")["epoch"] == 1
 
 
 def test_vit_trains_and_predicts_at_a_non_default_size(tiny_train_args, demo_root, tmp_path):
