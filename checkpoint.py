@@ -48,14 +48,19 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def model_spec(model_name: str, model_options: dict, task: Task) -> dict:
+    """The network a checkpoint holds (its "model" entry): what `build_model` rebuilds."""
+    return {"name": model_name, "num_classes": task.num_classes, "multihead": task.multihead,
+            "heads": list(task.head_sizes) if task.head_sizes else None, "options": dict(model_options)}
+
+
 def build_metadata(model_name: str, model_options: dict, task: Task, age_bins: Sequence[int],
                    preprocess: dict, args: dict, resolved: dict, age_cuts: Sequence[int] | None = None,
                    label_overrides: Sequence[dict] | None = None) -> dict:
     """Everything about a run that inference needs, without weights."""
     return {
         "format": FORMAT,
-        "model": {"name": model_name, "num_classes": task.num_classes, "multihead": task.multihead,
-                  "heads": list(task.head_sizes) if task.head_sizes else None, "options": dict(model_options)},
+        "model": model_spec(model_name, model_options, task),
         "task": task.name, "task_options": task.to_dict(),
         "classes": task.class_names(age_bins), "age_bins": list(age_bins),
         "preprocess": {"resize": list(preprocess["resize"]),
@@ -169,11 +174,11 @@ def load_resumable(path: str | os.PathLike) -> dict:
 def check_resumable(ckpt: dict, model_name: str, model_options: dict, task: Task, path: str | os.PathLike) -> None:
     """The network a resumed run builds must be the one its last.pth holds (else loading its weights
     fails with a page of missing keys): one line naming what differs."""
-    saved = {"model": ckpt["model"]["name"], "model options": ckpt["model"].get("options", {}),
-             "task": ckpt["task"], "heads": ckpt["model"].get("heads")}
-    wanted = {"model": model_name, "model options": dict(model_options), "task": task.name,
-              "heads": list(task.head_sizes) if task.head_sizes else None}
-    differ = [f"{key} {saved[key]!r} there, {wanted[key]!r} here" for key in saved if saved[key] != wanted[key]]
+    saved = {"options": {}, **ckpt["model"], "task": ckpt["task"]}  # older checkpoints may lack options
+    wanted = {**model_spec(model_name, model_options, task), "task": task.name}
+    labels = {"name": "model", "options": "model options", "num_classes": "classes"}
+    differ = [f"{labels.get(key, key)} {saved.get(key)!r} there, {value!r} here"
+              for key, value in wanted.items() if saved.get(key) != value]
     if differ:
         raise CheckpointError(f"--resume {path} holds another network ({'; '.join(differ)}): give the flags "
                               f"it was trained with, or none (they are read from its config.json)")

@@ -1057,8 +1057,9 @@ def read_eval_info(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]
 
 def extension_hint(missing: Sequence[str]) -> str:
     """When an ImageID was written without its file's extension (`abc` for images/abc.jpg), say so."""
+    suffixes = sorted(IMAGE_EXTENSIONS | {e.upper() for e in IMAGE_EXTENSIONS})
     for path in missing[:20]:
-        for suffix in sorted(IMAGE_EXTENSIONS | {e.upper() for e in IMAGE_EXTENSIONS}):
+        for suffix in suffixes:
             if os.path.isfile(path + suffix):
                 return (f" (an ImageID names the file with its extension: {Path(path).name!r} is "
                         f"{Path(path).name + suffix!r} in images/)")

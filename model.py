@@ -649,12 +649,11 @@ def _build_timm(name: str, num_classes: int, pretrained: bool, multihead: bool, 
     timm_keys = {"dropout": "drop_rate", "drop_path": "drop_path_rate"}  # this zoo's option names -> timm's
     freeze_blocks = options.pop("freeze_blocks", 0)
     options = {timm_keys.get(k, k): v for k, v in options.items()}
-    if not multihead:
-        net = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **options)
-        freeze_early_stages(net, freeze_blocks)
-        return net
-    net = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **options)  # pooled features
+    # multi-head: timm's network gives pooled features (num_classes 0) and make_head adds the heads
+    net = timm.create_model(timm_name, pretrained=pretrained, num_classes=0 if multihead else num_classes, **options)
     freeze_early_stages(net, freeze_blocks)
+    if not multihead:
+        return net
     width = getattr(net, "head_hidden_size", None) or net.num_features
     return nn.Sequential(net, make_head(width, num_classes, multihead))
 
