@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -191,11 +191,47 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     if not isinstance(values, dict):
         raise UsageError(f"--config must hold a mapping of flag names to values: {file}")
     values = {k: v for k, v in values.items() if k not in ("resolved", "config", "resume")}
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - known)
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UsageError(f"--config has unknown keys {', '.join(unknown)}: {file}")
-    return values
+    return {key: config_value(actions[key], value, file) for key, value in values.items()}
+
+
+def config_value(action: argparse.Action, value: object, file: Path) -> object:
+    """A config file's value as the flag would parse it: argparse applies neither `type`, `nargs` nor
+    `choices` to defaults, so without this `epochs: 1.5` or `scheduler: cosin` would reach the run."""
+    def fail(why: str) -> NoReturn:
+        raise UsageError(f"--config {action.dest}: {why}: {file}")
+
+    def convert(item: object) -> object:
+        if isinstance(item, (list, dict)):
+            fail(f"expected one value, got {item!r}")
+        if action.type is None:
+            converted = item if isinstance(item, str) else str(item)
+        elif isinstance(item, bool) and action.type not in (str2bool, optional_bool):
+            fail(f"expected a number, got {item!r}")  # int(True) would pass as 1
+        else:
+            try:  # as on the command line: 16.0 is not an int, "2e-3" (YAML 1.1 reads it as text) is a float
+                converted = item if isinstance(item, bool) else action.type(str(item))
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                kind = getattr(action.type, "__name__", "")
+                fail(f"expected {'an' if kind == 'int' else 'a'} {kind}, got {item!r}" if kind in ("int", "float")
+                     else str(e))
+        if action.choices is not None and converted not in action.choices:
+            fail(f"unknown value {converted!r} (known: {', '.join(map(str, action.choices))})")
+        return converted
+
+    if value is None:
+        if action.default is None:
+            return None
+        fail(f"needs a value (default {action.default!r})")
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        if not isinstance(value, list) or (action.nargs == "+" and not value):
+            form = ", ".join(str(action.metavar or "...").split())
+            fail(f"expected a list [{form}] as {action.option_strings[0]} takes, got {value!r}")
+        return [convert(item) for item in value]
+    return convert(value)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -187,6 +187,40 @@ def test_config_round_trip_reproduces_a_run(trained_run, tmp_path, capsys):
         train.parse_args(["--config", str(yaml_file)])
 
 
+@pytest.mark.parametrize("text, message", [
+    ("epochs: 1.5", "--config epochs: expected an int, got 1.5"),
+    ("batch_size: 16.0", "--config batch_size: expected an int, got 16.0"),
+    ("epochs: true", "--config epochs: expected a number, got True"),
+    ("epochs: null", "--config epochs: needs a value"),
+    ("resize: 32", "--config resize: expected a list [H, W] as --resize takes, got 32"),
+    ("resize: [32, 32.5]", "--config resize: expected an int, got 32.5"),
+    ("scheduler: cosin", "--config scheduler: unknown value 'cosin' (known: none, step, cosine, plateau, onecycle)"),
+    ("mode: al", "--config mode: unknown value 'al' (known: split, all)"),
+    ("class_weights: Auto", "--config class_weights: unknown value 'Auto'"),
+    ("cache: maybe", "--config cache: expected True or False, got 'maybe'"),
+    ("fold: one", "--config fold: expected a fold number or all"),
+])
+def test_config_values_are_checked_as_the_flags_are(tmp_path, text, message):
+    """argparse applies neither type, nargs nor choices to defaults: a config file's value must not reach
+    the run unchecked (a float epoch count crashed in the scheduler; `cosin` silently became cosine)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(text + "\n")
+    with pytest.raises(train.UsageError) as info:
+        train.parse_args(["--config", str(config)])
+    assert str(info.value).startswith(message) and str(config) in str(info.value)
+
+
+def test_config_values_parse_as_on_the_command_line(tmp_path):
+    """YAML 1.1 reads 2e-3 as text and `yes` as a bool: both mean what the same flag would."""
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 2e-3\namp: null\ncache: yes\nname: 123\nkfold: 3\nfold: all\nresize: [32, 48]\n"
+                      "scheduler: cosine\nhead_weights: [1, 1, 2]\n")
+    args = train.parse_args(["--config", str(config)])
+    assert args.lr == 0.002 and isinstance(args.lr, float)
+    assert args.amp is None and args.cache is True and args.name == "123" and args.fold == "all"
+    assert args.resize == [32, 48] and args.scheduler == "cosine" and args.head_weights == [1.0, 1.0, 2.0]
+
+
 def test_every_mlproject_parameter_is_a_train_flag_with_the_same_default():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     main = project["entry_points"]["main"]
