@@ -40,16 +40,19 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 import cli
 import dataset as data
-from checkpoint import expand_runs, load_checkpoint, resolve_state_path
+from checkpoint import CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path, run_folder
 from fileio import atomic_write_text, check_apart, replace_folder
 from task import (AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, join_labels,
                   split_labels, split_probs, task_of)
+
+if TYPE_CHECKING:
+    from gallery import SheetRow
 
 COLUMNS = data.OVERRIDE_COLUMNS
 KINDS = data.OVERRIDE_KINDS
@@ -91,10 +94,17 @@ class Predictions:
         return mask, gender, np.array([age_label(int(a), self.age_bins) for a in self.ages], dtype=np.int64)
 
 
+def check_run(run: Path) -> Path:
+    """AuditError unless `run` is a folder: one that is not there, or a file (a .pth given for its folder)."""
+    try:
+        return run_folder(run)
+    except CheckpointError as e:
+        raise AuditError(str(e)) from None
+
+
 def read_run(run: Path) -> tuple[dict, dict]:
     """One run's validation outputs and checkpoint; AuditError / CheckpointError naming what is missing."""
-    if not run.is_dir():
-        raise AuditError(f"run folder not found: {run}")
+    check_run(run)
     need = [run / n for n in ("val_probs.npy", "val_labels.npy", "val_samples.csv")]
     missing = [p.name for p in need if not p.is_file()]
     if missing:
@@ -105,9 +115,10 @@ def read_run(run: Path) -> tuple[dict, dict]:
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "person", "kind", "age"} <= set(rows[0]):
         raise AuditError(f"val_samples.csv lacks path,person,kind,age rows: {run / 'val_samples.csv'}")
-    out = {"probs": np.load(run / "val_probs.npy"), "labels": np.load(run / "val_labels.npy"), "rows": rows}
+    out = {"probs": load_array(run / "val_probs.npy", ndim=2), "labels": load_array(run / "val_labels.npy", ndim=1),
+           "rows": rows}
     if (run / "val_logits.npy").is_file():
-        out["logits"] = np.load(run / "val_logits.npy")
+        out["logits"] = load_array(run / "val_logits.npy", ndim=2)
     if len(out["probs"]) != len(rows) or len(out["labels"]) != len(rows):
         raise AuditError(f"val_probs.npy ({len(out['probs'])} rows) and val_samples.csv ({len(rows)}) disagree: {run}")
     return out, ckpt
@@ -315,6 +326,19 @@ def sheet_rows(pred: Predictions, found: list[Suspicion], limit: int = SHEET_ROW
     return rows
 
 
+def warn_missing_photos(rows: Sequence[SheetRow]) -> int:
+    """Warn once when photos of the contact sheet are not where val_samples.csv says (the data moved or
+    was renamed since training): the sheet then shows grey placeholders. audit.csv needs no photos, so
+    the audit goes on. Returns how many are missing."""
+    paths = list(dict.fromkeys(str(cell.path) for row in rows for cell in row.cells))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(paths)} photos of the review sheet not found (data moved or renamed "
+                      f"since training?): {missing[0]}{' ...' if len(missing) > 1 else ''}; audit.png shows grey "
+                      "placeholders for them, audit.csv is complete", stacklevel=2)
+    return len(missing)
+
+
 def data_people(runs: Sequence[Path]) -> int | None:
     """How many people the runs' data set has (person folders), None when its folder is not here."""
     ckpt = load_checkpoint(resolve_state_path(runs[0], "best_f1"))
@@ -333,8 +357,7 @@ def run_audit(run_args: Sequence[str], out: str | os.PathLike, sheet: int = SHEE
     groups = expand_runs(run_args)
     runs = [r for g in groups for r in g]
     for run in runs:
-        if not run.exists():
-            raise AuditError(f"run folder not found: {run}")
+        check_run(run)  # every run before any work
     pred = load_predictions(runs)
     found = audit(pred)
     people = len(set(pred.people))
@@ -348,8 +371,9 @@ def run_audit(run_args: Sequence[str], out: str | os.PathLike, sheet: int = SHEE
     atomic_write_text(out / "audit.csv", csv_text([s.row() for s in found]))
     from gallery import save_sheet
 
-    save_sheet(out / "audit.png", sheet_rows(pred, found, sheet),
-               f"label audit: top suspects of {len(found)} ({people} people audited)")
+    rows = sheet_rows(pred, found, sheet)
+    warn_missing_photos(rows)
+    save_sheet(out / "audit.png", rows, f"label audit: top suspects of {len(found)} ({people} people audited)")
     counts = ", ".join(f"{sum(s.kind == k for s in found)} {k}" for k in KINDS)
     print(f"suspicions: {counts}\nwrote {out / 'audit.csv'} and {out / 'audit.png'}\n"
           f"  review: delete the rows you reject, then train with --label_overrides {out / 'audit.csv'}")
@@ -426,12 +450,20 @@ def moved_age(age: int, bins: tuple[int, int], rng: np.random.Generator) -> int:
 
 
 def read_rows(path: str | os.PathLike, what: str) -> list[dict[str, str]]:
+    """The rows of an audit.csv or truth.csv; AuditError for a missing, empty or unreadable file, or a
+    header without audit.csv's columns (a header alone is a valid file: nothing found)."""
     file = Path(path)
     if not file.is_file():
         raise AuditError(f"{what} not found: {file}")
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not set(COLUMNS) <= set(rows[0]):
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames, list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise AuditError(f"{what} is not a CSV text file ({type(e).__name__}): {file}") from None
+    if header is None:
+        raise AuditError(f"{what} is empty (not even the header {','.join(COLUMNS)}): {file}")
+    if not set(COLUMNS) <= set(header):
         raise AuditError(f"{what} needs the columns {','.join(COLUMNS)}: {file}")
     return rows
 

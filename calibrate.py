@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 import cli
-from checkpoint import CheckpointError, expand_runs, load_checkpoint, resolve_state_path, set_decision
+from checkpoint import (CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path, run_folder,
+                        set_decision)
 from fileio import atomic_write_text
 from metrics import macro_f1
 from task import AGE_THRESHOLDS, Task, decide, log_probs, task_of
@@ -127,14 +128,17 @@ def load_oof(run_dir: Path, state: str = "best_f1") -> OutOfFold:
     if samples.is_file():
         with samples.open(newline="") as f:
             people = {row["person"] for row in csv.DictReader(f)}
-    oof = OutOfFold(run_dir, np.load(probs_path), np.load(labels_path), people)
+    oof = OutOfFold(run_dir, load_array(probs_path, ndim=2), load_array(labels_path, ndim=1), people)
+    if len(oof.probs) != len(oof.labels):
+        raise CheckpointError(f"val_probs.npy ({len(oof.probs)} rows) and val_labels.npy ({len(oof.labels)}) "
+                              f"disagree: {run_dir}")
     logits = run_dir / "val_logits.npy"
     try:
         ckpt = load_checkpoint(resolve_state_path(run_dir, state))
     except CheckpointError:
         ckpt = None  # offsets need only the probabilities
     if ckpt is not None and task_of(ckpt).age_head == "years" and logits.is_file():
-        oof.task, oof.logits, oof.age_bins = task_of(ckpt), np.load(logits), tuple(ckpt["age_bins"])
+        oof.task, oof.logits, oof.age_bins = task_of(ckpt), load_array(logits, ndim=2), tuple(ckpt["age_bins"])
     return oof
 
 
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="write what was fitted and scored (per run too) as JSON")
     add_tracking_flags(p, checkpoint_run=True)
     args = p.parse_args(argv)
-    runs = [run for group in expand_runs(args.runs) for run in group]
+    runs = [run_folder(run) for group in expand_runs(args.runs) for run in group]  # not "no validation outputs"
     if args.write:
         for run in runs:
             resolve_state_path(run, args.state)  # a bad --state or a missing checkpoint fails before any work

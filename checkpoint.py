@@ -14,6 +14,8 @@ Format `mask-toolkit/1` (a dict):
     best, tracking).
 `build_metadata` makes the descriptive part, `CheckpointSaver` writes every file of a run,
 `load_checkpoint` reads and checks one, `set_decision` updates the decision rule in place.
+`run_folder` and `load_array` check a run folder and read the arrays train.py leaves beside its
+checkpoints (val_probs.npy, val_labels.npy, val_logits.npy); every error names the file.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,6 +98,35 @@ class CheckpointSaver:
         return path
 
 
+def run_folder(path: str | os.PathLike) -> Path:
+    """`path` as a run folder (what train.py writes), else CheckpointError saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"not a run folder (a file; give the folder train.py wrote, e.g. {path.parent}): {path}")
+    raise CheckpointError(f"run folder not found: {path}")
+
+
+def load_array(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
+    """One of the arrays train.py leaves beside a run's checkpoints (val_probs.npy, val_labels.npy,
+    val_logits.npy): CheckpointError naming the file when it is empty, cut short (an interrupted run)
+    or no such array, instead of numpy's EOFError or ValueError. An OSError is left to name the path."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path.name} is empty (0 bytes: an interrupted run?); train again: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (EOFError, ValueError) as e:
+        raise CheckpointError(f"{path.name} is not a complete .npy array ({brief(e)}); train again: {path}") from None
+    if not isinstance(array, np.ndarray):  # a .npz archive under a .npy name
+        array.close()
+        raise CheckpointError(f"{path.name} is an .npz archive, not a .npy array: {path}")
+    if ndim is not None and array.ndim != ndim:
+        raise CheckpointError(f"{path.name} has shape {array.shape}, expected {ndim} dimension(s): {path}")
+    return array
+
+
 def resolve_state_path(model_dir: str | os.PathLike, state: str = "best_f1.pth") -> Path:
     """`model_dir` may be a run folder or a .pth file; `state` accepts best|best_f1|last with or without .pth."""
     path = Path(model_dir)
@@ -142,8 +174,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}): "
-                              f"{path}") from None
+        raise CheckpointError(f"{unreadable(path, e)}: {path}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         kind = "a bare state_dict" if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor)
                                                                      for v in ckpt.values()) else type(ckpt).__name__
@@ -162,6 +193,50 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except ValueError as e:
         raise CheckpointError(f"{e}: {path}") from None
     return ckpt
+
+
+def unreadable(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why torch.load could not read `path`, in a few words: its own text is empty for an empty file
+    (EOFError) and a page of advice for a file that is no checkpoint (weights_only's UnpicklingError)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = None
+    if head == b"":
+        return "checkpoint is empty (0 bytes: an interrupted save or copy?)"
+    # torch.save writes a zip archive; PyTorch before 1.6 a pickle (protocol marker 0x80)
+    if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):
+        kind = "a text file" if _looks_like_text(head) else "neither a zip archive nor a pickle"
+        return f"not a PyTorch checkpoint ({kind}; give a run folder or a .pth that train.py wrote)"
+    message = str(exc)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if refused:
+        return (f"checkpoint holds a Python object that a safe load refuses, {refused[1]} (a whole pickled model? "
+                "this toolkit reads the checkpoints train.py writes)")
+    if "PytorchStreamReader" in message:
+        return f"checkpoint is truncated or corrupt ({brief(exc)})"
+    return f"cannot read checkpoint ({brief(exc)})"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # more than a character cut at the end of what was read
+            return False
+    return b"\x00" not in head
+
+
+def brief(exc: BaseException, limit: int = 120) -> str:
+    """`Type: first sentence of the message`, cut at a word: never empty, never cut mid-word."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = re.split(r"(?<=\.)\s", lines[0], maxsplit=1)[0].rstrip(".:")
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {text}"
 
 
 def load_resumable(path: str | os.PathLike) -> dict:

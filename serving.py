@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 import cli
-from checkpoint import RESUME_KEYS, atomic_save, expand_runs, load_checkpoint
+from checkpoint import RESUME_KEYS, atomic_save, expand_runs, load_checkpoint, run_folder
 
 ROOT = Path(__file__).resolve().parent
 IMAGE_COLUMN = "image"
@@ -199,13 +199,15 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={pins.get(name) or metadata.version(name)}" for name in SERVING_PACKAGES]
 
 
-def log_model(tracker, run_dir: str | Path, register_model: str | None = None) -> str | None:
+def log_model(tracker, run_dir: str | Path, register_model: str | None = None, required: bool = False
+              ) -> str | None:
     """Log `run_dir`'s checkpoint(s) and the pyfunc `model` into `tracker`'s run (and register it as
     a new version of `register_model`). Returns `runs:/<run_id>/model`, or None when tracking is off
-    or was lost (a failure here is the one tracking warning: the checkpoints on disk are the result)."""
+    or was lost (a failure here is the one tracking warning: the checkpoints on disk are the result).
+    `required` (logging is the caller's whole job): a failure raises instead (Tracker.call)."""
     runs = [run.resolve() for run in expand_runs([run_dir])[0]]
     return tracker.call(lambda client, run_id: _log_model(client, tracker.uri, run_id, tracker.experiment_id,
-                                                          runs, register_model))
+                                                          runs, register_model), required=required)
 
 
 def _log_model(client, uri: str, run_id: str, experiment_id: str, runs: list[Path],
@@ -285,8 +287,9 @@ def log_model_for(run_dir: str | Path, tracking_uri: str | None = None, register
     server (last.pth records it), else into a new run named after the folder."""
     from tracking import DEFAULT_EXPERIMENT, Tracker, resolve_experiment, resolve_tracking_uri, resolve_user
 
-    run_dir = Path(run_dir)
-    model_checkpoints(expand_runs([run_dir])[0])  # a folder without checkpoints fails before any tracking
+    run_dir = run_folder(run_dir)
+    for path in model_checkpoints(expand_runs([run_dir])[0]):
+        load_checkpoint(path)  # a missing or bad checkpoint is a checkpoint error before any tracking
 
     def own_run(client) -> str | None:
         try:
@@ -297,14 +300,15 @@ def log_model_for(run_dir: str | Path, tracking_uri: str | None = None, register
             return None
 
     tracker = Tracker(resolve_tracking_uri(tracking_uri), resolve_experiment(experiment, DEFAULT_EXPERIMENT),
-                      run_dir.resolve().name, resolve_user(None), system_metrics=False)
+                      run_dir.resolve().name, resolve_user(None), system_metrics=False,
+                      lost_note="nothing more is logged")
     tracker.start({"run_dir": str(run_dir)}, attach_run_id=own_run)
     with tracker:
-        return log_model(tracker, run_dir, register_model)
+        return log_model(tracker, run_dir, register_model, required=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tracking import TrackingError, check_model_name
+    from tracking import TrackingError, check_model_name, resolve_tracking_uri, tracking_disabled
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a train.py run folder (or a --fold all folder: the soft vote of its folds)")
@@ -314,11 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.register_model is not None:
         check_model_name(args.register_model)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if tracking_disabled(uri):  # else a disabled Tracker would log nothing, silently
+        fix = (f"drop --tracking_uri {uri}" if args.tracking_uri and args.tracking_uri.strip()
+               else f"MLFLOW_TRACKING_URI is {uri!r}: unset it or pass --tracking_uri URI")
+        raise cli.UsageError(f"python -m serving logs a model to MLflow, so it needs tracking; {fix}")
     try:
-        uri = log_model_for(args.run_dir, args.tracking_uri, args.register_model, args.experiment)
+        logged = log_model_for(args.run_dir, args.tracking_uri, args.register_model, args.experiment)
     except TrackingError as e:
         raise cli.UsageError(str(e)) from None
-    return 0 if uri else 1
+    return 0 if logged else 1
 
 
 if __name__ == "__main__":

@@ -186,9 +186,11 @@ class Tracker:
     """One MLflow run; every method is a no-op when disabled or after tracking was lost."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, user: str | None,
-                 enabled: bool = True, system_metrics: bool = True, announce_to: TextIO | None = None) -> None:
+                 enabled: bool = True, system_metrics: bool = True, announce_to: TextIO | None = None,
+                 lost_note: str = "training continues, later metrics are not logged") -> None:
         """`system_metrics`: sample CPU/memory/GPU into the run (training runs); `announce_to`: where
-        the run's link is printed (default stdout)."""
+        the run's link is printed (default stdout); `lost_note`: what the one warning on losing
+        tracking says happens next (a script other than train.py has no training to continue)."""
         self.uri = absolute_sqlite(uri)
         self.experiment = experiment
         self.run_name = run_name
@@ -196,6 +198,7 @@ class Tracker:
         self.enabled = enabled and not tracking_disabled(uri)
         self.system_metrics = system_metrics
         self.announce_to = announce_to
+        self.lost_note = lost_note
         self._client = None
         self._run_id: str | None = None
         self._experiment_id: str | None = None
@@ -397,8 +400,7 @@ class Tracker:
     # ---- during the run -----------------------------------------------------------------------
     def _lose(self, exc: BaseException) -> None:
         self._lost = True
-        print(f"warning: MLflow tracking lost ({_one_line(exc)}); training continues, "
-              "later metrics are not logged", file=sys.stderr, flush=True)
+        print(f"warning: MLflow tracking lost ({_one_line(exc)}); {self.lost_note}", file=sys.stderr, flush=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
@@ -424,16 +426,25 @@ class Tracker:
         except Exception as exc:
             self._lose(exc)
 
-    def call(self, step: Callable[[Any, str], T]) -> T | None:
+    def call(self, step: Callable[[Any, str], T], required: bool = False) -> T | None:
         """Run `step(client, run_id)` as one tracking step (e.g. logging a model): skipped when
-        inactive; an exception loses tracking with the one warning, so it never costs the caller."""
+        inactive; an exception loses tracking with the one warning, so it never costs the caller.
+        `required`: the step is the caller's whole purpose (`python -m serving`), so its failure is
+        a TrackingError (a ToolkitError as it is) instead of a warning; tracking is lost either way."""
         if not self.active:
             return None
         try:
             return step(self._client, self._run_id)
         except Exception as exc:
-            self._lose(exc)
-            return None
+            if not required:
+                self._lose(exc)
+                return None
+            self._lost = True  # finish() then makes one quiet attempt, no second message
+            from cli import ToolkitError
+
+            if isinstance(exc, ToolkitError):
+                raise
+            raise TrackingError(f"MLflow tracking at {self.uri} failed: {_one_line(exc)}") from None
 
     def log_dict(self, obj: dict, name: str) -> None:
         """A JSON artifact `name` made from `obj` (no file of ours needed)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +159,8 @@ def test_bad_input_is_one_error_line(planted, tmp_path, capsys, demo_root):
     bare = tmp_path / "bare"
     bare.mkdir()
     (tmp_path / "file").write_text("x")
+    header = tmp_path / "header.csv"
+    header.write_text(audit.csv_text([]))  # an audit that found nothing: valid
     other = write_run(tmp_path / "mask", data.discover(demo_root / "train", verbose=False)[:7],
                       confident(np.zeros(7, np.int64), 3), np.zeros(7, np.int64), "mask")
     cases = {"missing run": (["--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "run folder not found"),
@@ -164,13 +168,66 @@ def test_bad_input_is_one_error_line(planted, tmp_path, capsys, demo_root):
              "out is a file": (["--runs", str(run), "--out", str(tmp_path / "file")], "not a folder"),
              "mixed tasks": (["--runs", str(run), str(other), "--out", str(tmp_path / "o")], "disagree on the task"),
              "bad sheet": (["--runs", str(run), "--out", str(tmp_path / "o"), "--sheet", "0"], "--sheet"),
-             "recall without truth": (["recall", "--audit", str(tmp_path / "file"), "--truth", str(tmp_path / "no.csv")],
+             "a checkpoint as run": (["--runs", str(run / "best_f1.pth"), "--out", str(tmp_path / "o")],
+                                     "not a run folder (a file"),
+             "recall without truth": (["recall", "--audit", str(header), "--truth", str(tmp_path / "no.csv")],
                                       "not found")}
     for name, (argv, fragment) in cases.items():
         assert cli.call(lambda: audit.main(argv)) == 2, name
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, (name, err)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name, damage, fragment", [
+    ("val_probs.npy", lambda b: b"", "val_probs.npy is empty (0 bytes"),
+    ("val_probs.npy", lambda b: b[:len(b) // 2], "val_probs.npy is not a complete .npy array"),
+    ("val_logits.npy", lambda b: b[:30], "val_logits.npy is not a complete .npy array"),
+], ids=["empty", "truncated", "logits-cut"])
+def test_empty_or_truncated_validation_arrays_are_one_error_line(planted, tmp_path, capsys, name, damage, fragment):
+    run = tmp_path / "run"
+    shutil.copytree(planted[0], run)
+    (run / name).write_bytes(damage((run / name).read_bytes()))
+    assert cli.call(lambda: audit.main(["--runs", str(run), "--out", str(tmp_path / "o")])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {fragment}") and err.count("\n") == 1 and str(run / name) in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_moved_photos_warn_once_and_the_csv_is_still_written(planted, demo_root, tmp_path, capsys):
+    """The training data moved since training: val_samples.csv's paths lead nowhere. The sheet's cells are
+    grey placeholders, so say so once; audit.csv needs no photos and is written as before."""
+    run = tmp_path / "run"
+    shutil.copytree(planted[0], run)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.call(lambda: audit.main(["--runs", str(run), "--out", str(tmp_path / "before")])) == 0
+    assert "warning" not in capsys.readouterr().err  # photos in place: nothing to say
+    samples = run / "val_samples.csv"
+    samples.write_text(samples.read_text().replace(str(demo_root), str(tmp_path / "moved")))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.call(lambda: audit.main(["--runs", str(run), "--out", str(tmp_path / "after")])) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and re.match(r"warning: (\d+) of \1 photos of the review sheet not found \(data moved", err[0])
+    assert str(tmp_path / "moved") in err[0] and "placeholders" in err[0], err
+    assert (tmp_path / "after" / "audit.csv").read_text() == (tmp_path / "before" / "audit.csv").read_text()
+    assert (tmp_path / "after" / "audit.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("content, fragment", [(b"", "audit file is empty"),
+                                               (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "audit file is not a CSV text file"),
+                                               (b"x\n", "audit file needs the columns")],
+                         ids=["empty", "binary", "other-columns"])
+def test_recall_refuses_an_empty_or_unreadable_audit_file(tmp_path, capsys, content, fragment):
+    truth = tmp_path / "truth.csv"
+    truth.write_text(audit.csv_text([["p1", "", "gender", "", "male", "female"]]))
+    (tmp_path / "audit.csv").write_bytes(content)
+    argv = ["recall", "--audit", str(tmp_path / "audit.csv"), "--truth", str(truth)]
+    assert cli.call(lambda: audit.main(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {fragment}") and err.count("\n") == 1 and str(tmp_path / "audit.csv") in err, err
+    (tmp_path / "audit.csv").write_text(audit.csv_text([]))  # a header alone: an audit that found nothing
+    assert cli.call(lambda: audit.main(argv)) == 0
+    assert "gender: 0 of 1 injected" in capsys.readouterr().out
 
 
 def test_recall_counts_findings_among_the_top_suspects():

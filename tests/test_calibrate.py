@@ -1,6 +1,8 @@
 """Decision offsets (calibrate.py), their use by inference.py, and holdout.py."""
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 from sklearn.metrics import f1_score
 
 import calibrate
+import cli
 import dataset as data
 import holdout
 import inference
@@ -77,6 +80,41 @@ def test_calibrate_writes_offsets_that_inference_applies(trained_run, demo_root,
 def test_calibrate_without_validation_outputs_fails_clearly(tmp_path):
     with pytest.raises(calibrate.CheckpointError, match="val_probs.npy"):
         calibrate.main(["--runs", str(tmp_path)])
+
+
+def _oof_run(run: Path) -> Path:
+    """A run folder with validation outputs only (offsets need no checkpoint without --write)."""
+    probs, labels = imbalanced_probs(n=200)
+    run.mkdir()
+    np.save(run / "val_probs.npy", probs)
+    np.save(run / "val_labels.npy", labels)
+    return run
+
+
+@pytest.mark.parametrize("name, damage, fragment", [
+    ("val_probs.npy", lambda b: b"", "val_probs.npy is empty (0 bytes"),
+    ("val_probs.npy", lambda b: b[:len(b) // 2], "val_probs.npy is not a complete .npy array"),
+    ("val_labels.npy", lambda b: b[:30], "val_labels.npy is not a complete .npy array"),
+], ids=["empty", "truncated", "labels-cut"])
+def test_empty_or_truncated_validation_arrays_are_one_error_line(tmp_path, capsys, name, damage, fragment):
+    run = _oof_run(tmp_path / "run")
+    (run / name).write_bytes(damage((run / name).read_bytes()))
+    assert cli.call(lambda: calibrate.main(["--runs", str(run)])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {fragment}") and err.count("\n") == 1 and str(run / name) in err, err
+
+
+def test_a_missing_run_or_a_checkpoint_file_is_not_a_run_folder(tmp_path, capsys):
+    run = _oof_run(tmp_path / "run")
+    (run / "best_f1.pth").write_bytes(b"x")
+    for path, fragment in ((tmp_path / "nonexistent", "run folder not found"),
+                           (run / "best_f1.pth", "not a run folder (a file")):
+        for extra in ([], ["--write"]):
+            assert cli.call(lambda: calibrate.main(["--runs", str(path), *extra])) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {fragment}") and err.count("\n") == 1 and str(path) in err, err
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert calibrate.main(["--runs", str(run)]) == 0  # the folder itself is fine
 
 
 def test_holdout_layout_and_no_person_overlap(demo_root, tmp_path):

@@ -171,6 +171,70 @@ def test_register_model_checked_before_any_work(extra, message):
         train.parse_args(extra)
 
 
+def _described_run(run: Path) -> Path:
+    """A run folder whose best_f1.pth load_checkpoint accepts (a description, no weights: never built here)."""
+    from checkpoint import atomic_save, build_metadata
+    from task import get_task
+
+    run.mkdir()
+    meta = build_metadata("SmallCNN", {}, get_task("all"), (30, 60), {"resize": (48, 36), "mean": (0.5,) * 3,
+                          "std": (0.2,) * 3}, args={}, resolved={})
+    atomic_save(dict(meta, state_dict={}, epoch=0, metrics={}), run / "best_f1.pth")
+    return run
+
+
+def test_serving_without_tracking_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """`--tracking_uri none` (or MLFLOW_TRACKING_URI=none) leaves serving nothing to do: say so, as
+    train.py --register_model does, instead of exiting 1 in silence."""
+    run = _described_run(tmp_path / "run")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.call(lambda: serving.main([str(run), "--tracking_uri", "none"])) == 2
+    assert capsys.readouterr().err == ("error: python -m serving logs a model to MLflow, so it needs tracking; "
+                                       "drop --tracking_uri none\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "off")
+    assert cli.call(lambda: serving.main([str(run)])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs tracking; MLFLOW_TRACKING_URI is 'off': unset it" in err, err
+
+
+def test_serving_bad_checkpoint_fails_before_any_tracking(tmp_path, monkeypatch, capsys):
+    """A zero-byte checkpoint is a checkpoint error, before a run is made on the server (it was an
+    IndexError reported as 'MLflow tracking lost ...; training continues', then exit 1)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best_f1.pth").write_bytes(b"")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli.call(lambda: serving.main([str(run), "--tracking_uri", uri])) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: checkpoint is empty (0 bytes: an interrupted save or copy?): {run / 'best_f1.pth'}\n"
+    assert not (tmp_path / "mlflow.db").exists()  # no tracking call at all
+    assert cli.call(lambda: serving.main([str(run / "best_f1.pth"), "--tracking_uri", uri])) == 2
+    assert "error: not a run folder (a file" in capsys.readouterr().err
+
+
+def test_serving_failure_to_log_is_an_error_not_a_training_warning(tmp_path, monkeypatch, capsys):
+    """Logging the model is all `python -m serving` does: when it fails, one error line and exit 2, not the
+    training loop's 'tracking lost; training continues' warning and exit 1."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = _described_run(tmp_path / "run")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("artifact store unreachable")
+
+    monkeypatch.setattr(serving, "_log_model", broken)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli.call(lambda: serving.main([str(run), "--tracking_uri", uri]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: MLflow tracking at ") and "RuntimeError: artifact store unreachable" in err, err
+    assert "training" not in err and "warning" not in err
+    client = MlflowClient(uri)
+    (failed,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert failed.info.status == "FAILED"
+
+
 def test_local_sqlite_store_trains_logs_registers_and_loads(demo_root, trained_run, tmp_path, monkeypatch,
                                                            single_thread):
     monkeypatch.chdir(tmp_path)  # the default store: ./mlflow.db
