@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +72,11 @@ def images_root(data_dir: str | os.PathLike) -> Path:
     """Accept `train/` (holding `images/`) or `train/images` itself."""
     root = Path(data_dir)
     if root.is_file():  # e.g. train/train.csv: say what to pass rather than "not found"
+        folder = root.parent
+        if PERSON_DIR.match(folder.name):  # one photo: the folder above its person's
+            folder = folder.parent.parent if folder.parent.name == "images" else folder.parent
         raise DataError(f"the data directory is a file: {root} (pass the folder that holds images/, "
-                        f"e.g. {root.parent})")
+                        f"e.g. {folder})")
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     if (root / "images").is_dir():
@@ -128,20 +132,29 @@ def png_complete(path: str | os.PathLike) -> bool:
     return False
 
 
-def check_image(path: str | os.PathLike) -> str | None:
+def check_image(path: str | os.PathLike, decode: bool = False) -> str | None:
     """Cheap validity check without a full decode: returns why the file is bad, or None.
 
     Reads the header (PIL) and the last bytes: a JPEG must end with its EOI marker and a PNG with
     its IEND chunk (or, when something follows them, reach them: `jpeg_complete`, `png_complete`),
-    which catches the truncated files a crashed copy leaves.
+    which catches the truncated files a crashed copy leaves. `decode` also decodes the image (at an
+    eighth of its size where the format allows): damage inside a whole file, such as bit rot in its
+    compressed data, shows only there (about a millisecond an image).
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return "broken symbolic link"
     try:
         size = path.stat().st_size
         if size == 0:
             return "empty file"
-        with Image.open(path) as im:
-            fmt = im.format
+        with warnings.catch_warnings():  # a phone's 100+ megapixel photo is no decompression bomb here:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # OpenCV decodes up to 2^30 pixels
+            try:
+                with Image.open(path) as im:
+                    fmt = im.format
+            except Image.DecompressionBombError:
+                fmt = None
         with open(path, "rb") as f:
             f.seek(max(0, size - 16))
             tail = f.read()
@@ -153,6 +166,11 @@ def check_image(path: str | os.PathLike) -> str | None:
         return "truncated JPEG (no end-of-image marker)"
     if fmt == "PNG" and b"IEND" not in tail and not png_complete(path):
         return "truncated PNG (no IEND chunk)"
+    if decode:
+        try:
+            load_image(path, reduce=8)
+        except DataError:
+            return "cannot decode image"
     return None
 
 
@@ -197,14 +215,15 @@ def discover(
                 skipped["hidden file"] = skipped.get("hidden file", 0) + 1
                 continue
             kind = file.stem.lower()  # "Normal.JPG" from a camera or a case-insensitive disk is a normal photo
-            if file.suffix.lower() not in IMAGE_EXTENSIONS or kind not in MASK_KINDS or not file.is_file():
+            if file.suffix.lower() not in IMAGE_EXTENSIONS or kind not in MASK_KINDS or \
+                    not (file.is_file() or file.is_symlink()):  # a broken link is a bad image, said below
                 skipped["not a mask image"] = skipped.get("not a mask image", 0) + 1
                 continue
             if kind in found:
                 raise DataError(f"two files for {kind!r}: {found[kind]} and {file}")
             found[kind] = file
         for kind, file in found.items():
-            reason = check_image(file)
+            reason = check_image(file, decode=skip_bad_images)  # skipping: also what only decoding finds
             if reason:
                 if not skip_bad_images:
                     raise DataError(f"{reason}: {file} (pass --skip_bad_images to drop such images)")
@@ -1047,12 +1066,25 @@ def read_eval_info(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]
     if repeated:  # output.csv would repeat them too, which evaluation.py rejects
         raise DataError(f"info.csv lists {len(repeated)} ImageID(s) more than once "
                         f"({examples([repr(i) for i in repeated])}): {info_path}")
-    paths = [str(root / "images" / image_id) for image_id in info["ImageID"]]
+    paths = [listed_path(root / "images", image_id) for image_id in info["ImageID"]]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(listed_images_error([f"not found: {p}" for p in missing], len(paths))
                         + extension_hint(missing))
     return info, paths
+
+
+def listed_path(images: Path, image_id: str) -> str:
+    """The file an ImageID names. A name with accents or Hangul may be stored in another Unicode
+    form than the CSV writes it (macOS and zip tools decompose it, NFD): same text to a reader,
+    other bytes to Linux; the form that exists on disk is taken."""
+    path = images / image_id
+    if not path.is_file() and not image_id.isascii():
+        for form in ("NFC", "NFD"):
+            other = images / unicodedata.normalize(form, image_id)
+            if other.is_file():
+                return str(other)
+    return str(path)
 
 
 def extension_hint(missing: Sequence[str]) -> str:

@@ -291,6 +291,8 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, value in at_least_zero.items():
         if not value >= 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
+    if args.name.strip() in ("", ".", "..") or "/" in args.name or os.sep in args.name:
+        raise UsageError(f"--name must be a folder name (not empty, no {os.sep}), got {args.name!r}")
     if args.num_workers is not None and args.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
     if not 0 <= args.ema < 1:

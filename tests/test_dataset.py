@@ -300,6 +300,49 @@ def test_check_image_accepts_good_and_rejects_bad(demo, tmp_path):
     assert "PNG" in data.check_image(png)
 
 
+def _bit_rot(path: Path) -> Path:
+    """Damage a JPEG's Huffman table: the header and end marker stay whole, only decoding fails."""
+    raw = bytearray(path.read_bytes())
+    table = raw.index(b"\xff\xc4")
+    raw[table + 5:table + 21] = bytes([0x00, 0xFF] * 8)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_skip_bad_images_also_drops_what_only_decoding_finds(demo, tmp_path):
+    """Bit rot inside a whole JPEG passes the cheap check; under --skip_bad_images discovery decodes
+    each image, so such a file is dropped with the others rather than stopping training later."""
+    train = _copy_people(demo, tmp_path, 2)
+    rotten = _bit_rot(_people(train)[0] / "mask3.jpg")
+    assert data.check_image(rotten) is None and data.check_image(rotten, decode=True) == "cannot decode image"
+    with pytest.raises(DataError, match="cannot decode image"):
+        data.load_image(rotten)
+    with pytest.warns(UserWarning, match=re.escape(f"{rotten} (cannot decode image)")):
+        found = data.discover(train, skip_bad_images=True, verbose=False)
+    assert len(found) == 13 and str(rotten) not in {s.path for s in found}
+
+
+def test_broken_link_is_a_bad_image_not_a_missing_kind(demo, tmp_path):
+    train = _copy_people(demo, tmp_path, 2)
+    link = _people(train)[0] / "mask2.jpg"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(DataError, match=re.escape(f"broken symbolic link: {link}")):
+        data.discover(train, verbose=False)
+    with pytest.warns(UserWarning, match="broken symbolic link"):
+        assert len(data.discover(train, skip_bad_images=True, verbose=False)) == 13
+
+
+def test_check_image_takes_a_very_large_photo(tmp_path, monkeypatch, recwarn):
+    """PIL calls anything over 179 megapixels a decompression bomb; a 200-megapixel phone photo is
+    a photo (OpenCV decodes it). Simulated by lowering PIL's limit below a small image's size."""
+    photo = tmp_path / "big.jpg"
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photo)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 > 2 x 100: PIL would refuse it
+    assert data.check_image(photo) is None and data.check_image(photo, decode=True) is None
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 # --------------------------------------------------------------------------- splits
 def test_split_by_profile_exact_count_no_overlap():
     samples = _fake_samples(6)  # 36 people
@@ -776,6 +819,19 @@ def test_read_eval_info_bad_csv_is_one_line_error(tmp_path, content, expected):
     assert expected in message and str(info) in message and "\n" not in message
 
 
+def test_read_eval_info_finds_a_name_stored_in_another_unicode_form(tmp_path):
+    """info.csv writes Hangul composed (NFC); unzipped from a Mac the file is decomposed (NFD)."""
+    import unicodedata
+
+    composed = "사진 1.jpg"
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / unicodedata.normalize("NFD", composed))
+    (tmp_path / "info.csv").write_text(f"ImageID,ans\n{composed},0\n", encoding="utf-8")
+    info, paths = data.read_eval_info(tmp_path)
+    assert list(info["ImageID"]) == [composed]  # output.csv keeps the ID as info.csv wrote it
+    assert os.path.isfile(paths[0]) and Path(paths[0]).name == unicodedata.normalize("NFD", composed)
+
+
 # --------------------------------------------------------------------------- messages (issue 18 item 5)
 def test_data_error_is_a_toolkit_error():
     import cli
@@ -790,6 +846,9 @@ def test_data_dir_that_is_a_file_says_what_to_pass(demo):
     message = str(err.value)
     assert "not found" not in message and "is a file" in message
     assert str(csv_file) in message and f"e.g. {csv_file.parent})" in message and "\n" not in message
+    photo = next((demo / "train" / "images").glob("*/mask1.jpg"))  # one photo: the training folder, not its person's
+    with pytest.raises(DataError, match=re.escape(f"e.g. {demo / 'train'})")):
+        data.discover(photo, verbose=False)
 
 
 def test_read_eval_info_accepts_the_info_csv_itself(demo):

@@ -243,7 +243,8 @@ def test_every_mlproject_parameter_is_a_train_flag_with_the_same_default():
     ("--criterion", "focal_loss", "did you mean 'focal'"), ("--model", "resnet18", "did you mean 'ResNet18'"),
     ("--optimizer", "adamw", "did you mean 'AdamW'"), ("--lr", "-1", "--lr must be >= 0"),
     ("--epochs", "0", "--epochs must be > 0"), ("--resize", "224", "H W, e.g. 224 224"),
-    ("--age_sigma", "2", "--age_sigma needs --task multi"), ("--age_sigma", "nan", "--age_sigma must be")])
+    ("--age_sigma", "2", "--age_sigma needs --task multi"), ("--age_sigma", "nan", "--age_sigma must be"),
+    ("--name", "../escaped", "--name must be a folder name")])
 def test_bad_values_fail_before_any_work(flag, value, message, tmp_path):
     with pytest.raises(train.UsageError, match=re.escape(message)):
         train.main([flag, *value.split(), "--data_dir", str(tmp_path / "none"), "--model_dir", str(tmp_path / "m"),
