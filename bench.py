@@ -416,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     # every flag checked before any work, one line each
     cli.non_negative(args.n, "--n")
+    if not args.n and not args.data_dir:  # 0 means "all of --data_dir"; there is no "all" to generate
+        raise cli.UsageError("--n 0 (every image) needs --data_dir; to generate images give --n >= 1")
     cli.positive_int(args.batch_size, "--batch_size")
     cli.non_negative(args.warm_epochs, "--warm_epochs")  # 0 still measures one warm epoch
     cli.non_negative(args.train_steps, "--train_steps")  # 0 still times one step
@@ -445,9 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.data_dir:
             paths, source = find_images(args.data_dir, args.n), f"from {args.data_dir}"
         else:
-            n = args.n or 512
-            print(f"generating {n} 384x512 JPEGs ...", file=sys.stderr)
-            paths, source = make_images(workdir / "images", n, seed=args.seed), "generated 384x512 JPEG"
+            print(f"generating {args.n} 384x512 JPEGs ...", file=sys.stderr)
+            paths, source = make_images(workdir / "images", args.n, seed=args.seed), "generated 384x512 JPEG"
         print("input pipelines ...", file=sys.stderr)
         pipeline = bench_pipelines(paths, args, info.mean, info.std, device, workdir)
         print("training loop ...", file=sys.stderr)

@@ -108,7 +108,17 @@ def os_error_line(exc: OSError) -> str | None:
 
 def error(message: object) -> None:
     """Print `error: <message>` on stderr (one line)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {worker_message(str(message))}", file=sys.stderr, flush=True)
+
+
+def worker_message(text: str) -> str:
+    """A DataLoader re-raises a worker's error with the worker's whole traceback as its message
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep the error's own line."""
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    kind, sep, message = last.partition(": ")
+    return message if sep and " " not in kind else last
 
 
 def _quiet_stdout() -> None:
@@ -226,6 +236,26 @@ def positive_int(value: object, flag: str | None = None) -> int:
     if not isinstance(number, int) or number < 1:
         raise _bad(flag, f"must be an integer >= 1, got {value}")
     return number
+
+
+def non_negative_int(value: object, flag: str | None = None) -> int:
+    """A whole number >= 0 (worker counts), else UsageError `--num_workers must be an integer >= 0, got -1`."""
+    number = _number(value, flag)
+    if not isinstance(number, int) or number < 0:
+        raise _bad(flag, f"must be an integer >= 0, got {value}")
+    return number
+
+
+def str2bool(value: str | bool) -> bool:
+    """True/False (also 1/0, yes/no, y/n, on/off, any case), else UsageError: a typo such as `Ture`
+    must not quietly read as False."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes", "y", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "n", "off"):
+        return False
+    raise UsageError(f"expected True or False, got {value!r}")
 
 
 def in_range(value: object, low: float, high: float, flag: str | None = None, *,

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "RUN/best_f1.onnx, RUN/best_f1.torchscript.pt, RUN/best_f1.pt2)")
     p.add_argument("--check_images", type=cli.positive_int, default=32,
                    help="images for the parity check (default 32)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=cli.non_negative, default=1e-4,
                    help="largest allowed difference of probabilities from PyTorch (default 1e-4, fp32)")
     return p
 

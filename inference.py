@@ -11,6 +11,7 @@ comes from the checkpoint, so nothing here can disagree with training.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -42,14 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $SM_CHANNEL_MODEL)")
     p.add_argument("--output_dir", default=env("SM_OUTPUT_DATA_DIR", "./output"), help="default $SM_OUTPUT_DATA_DIR or ./output")
     p.add_argument("--state", default="best_f1", help="best|best_f1|last (.pth optional; default best_f1: the competition scores macro F1)")
-    p.add_argument("--weights", nargs="+", type=float, default=None, help="soft-vote weight per --model_dir (default equal)")
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--num_workers", type=int, default=data.default_num_workers())
+    p.add_argument("--weights", nargs="+", type=float, default=None,
+                   help="soft-vote weight per --model_dir, >= 0 and not all 0 (default equal)")
+    p.add_argument("--batch_size", type=cli.positive_int, default=256)
+    p.add_argument("--num_workers", type=cli.non_negative_int, default=data.default_num_workers())
     p.add_argument("--tta", choices=["none", "hflip"], default="none", help="hflip: average with the mirrored image")
     p.add_argument("--offsets", choices=["auto", "none"], default="auto",
                    help="auto: apply the per-class decision offsets saved in the checkpoint, if any")
     p.add_argument("--cache_dir", default=None, help="reuse/keep decoded eval images in a uint8 memmap cache")
-    p.add_argument("--isEnsemble", type=lambda v: v.lower() in ("true", "1", "yes"), default=False,
+    p.add_argument("--isEnsemble", type=cli.str2bool, default=False,
                    help="True: combine --mask_model_dir (3 classes) and --genderage_model_dir (6 classes)")
     p.add_argument("--mask_model_dir", default=None)
     p.add_argument("--genderage_model_dir", default=None)
@@ -161,6 +163,12 @@ def load_members(model_dirs: list[str], state: str, weights: list[float] | None 
     folder stands for its folds, which share its weight."""
     if weights and len(weights) != len(model_dirs):
         raise InferenceError(f"--weights has {len(weights)} values for {len(model_dirs)} --model_dir")
+    if weights:  # the vote divides by their sum: negative or all-zero weights give NaN or nonsense
+        bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
+        if bad:
+            raise InferenceError(f"--weights must be finite and >= 0, got {cli.examples(bad)}")
+        if not sum(weights) > 0:
+            raise InferenceError("--weights are all 0: give at least one model a weight > 0")
     members = [Member(*load_for_task(run, state), weight / len(group))
                for group, weight in zip(expand_runs(model_dirs), weights or [1.0] * len(model_dirs)) for run in group]
     tasks = {task_of(m.ckpt).num_classes if task_of(m.ckpt).predicts_18 else task_of(m.ckpt).name for m in members}
@@ -168,6 +176,18 @@ def load_members(model_dirs: list[str], state: str, weights: list[float] | None 
         raise InferenceError("cannot soft-vote models of different tasks: "
                              + ", ".join(f"{m.path} ({m.ckpt['task']})" for m in members))
     return members
+
+
+def check_submission_task(members: list[Member]) -> None:
+    """Refuse a plain run of a mask (3-class) or gender-age (6-class) model: evaluation scores
+    output.csv's `ans` as the 18 competition classes, so its task-local ids would be scored wrong."""
+    task = task_of(members[0].ckpt)  # load_members made them all one task
+    if not task.predicts_18:
+        slot = "--mask_model_dir" if task.name == "mask" else "--genderage_model_dir"
+        raise InferenceError(f"{members[0].path} is a {task.name!r} model ({task.num_classes} classes), but "
+                             f"output.csv holds the 18 competition classes: use --isEnsemble True with a mask model "
+                             f"(--mask_model_dir) and a gender-age model (--genderage_model_dir); this model goes "
+                             f"in {slot}")
 
 
 def vote(members: list[Member], paths: list[str], offsets: str = "auto", verbose: bool = True, **run
@@ -227,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         raise InferenceError("no model: pass --model_dir or set SM_CHANNEL_MODEL")
     if not args.data_dir:
         raise InferenceError("no evaluation data: pass --data_dir or set SM_CHANNEL_EVAL")
+    if not args.isEnsemble:
+        members = load_members(args.model_dir, args.state, args.weights)
+        check_submission_task(members)  # before any image is read
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InferenceError(f"--output_dir exists and is not a folder: {out_dir}")
@@ -255,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = probs.argmax(1)
             write_outputs(info, probs, pred, out_dir, ENSEMBLE_STEMS[2])
         else:
-            probs, pred, _, _ = soft_vote(args.model_dir, args.state, paths, args.weights, args.offsets, **run)
+            probs, pred, _, _ = vote(members, paths, args.offsets, **run)
             stale = [f"{stem}.csv" for stem in ENSEMBLE_STEMS if (out_dir / f"{stem}.csv").exists()]
             if stale:  # left by an earlier --isEnsemble run into this folder: not this run's answers
                 print(f"note: {out_dir} also holds {', '.join(stale)} from an earlier --isEnsemble run; "

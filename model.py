@@ -185,13 +185,25 @@ def default_amp(device: torch.device) -> bool:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto`: the first CUDA device when there is one, else the CPU; otherwise torch's own names."""
+    """`auto`: the first CUDA device when there is one, else the CPU; otherwise torch's own names.
+    A CUDA or MPS device this machine lacks is a ValueError here, not a driver traceback at the
+    first tensor moved to it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown --device {name!r}; e.g. auto, cpu, cuda, cuda:1") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available on this machine; use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu or auto")
+    return device
 
 
 # --------------------------------------------------------------------------- offline-safe pretrained weights

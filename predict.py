@@ -9,8 +9,8 @@ are skipped. Preprocessing, soft vote, CV folders and decision offsets work as i
 the first class shown is the class inference.py writes to output.csv. The probabilities shown are
 after the checkpoints' decision offsets (renormalised; `--offsets none` shows the model's own);
 the mask, gender and age readings are their sums over the other two sub-tasks.
-A bad file (missing, unreadable, not an image) gets one line on stderr and the others are still
-predicted; the exit code is 0 when at least one image was predicted.
+A bad file (missing, unreadable, not an image, damaged data that does not decode) gets one line on
+stderr and the others are still predicted; the exit code is 0 when at least one image was predicted.
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: apply the checkpoints' decision offsets, as inference.py does")
     p.add_argument("--tta", choices=["none", "hflip"], default="none")
     p.add_argument("--batch_size", type=cli.positive_int, default=64)
-    p.add_argument("--num_workers", type=int, default=0, help="loader processes (default 0: a few photos "
-                   "decode faster than workers start; raise it for large folders)")
+    p.add_argument("--num_workers", type=cli.non_negative_int, default=0, help="loader processes (default 0: a few "
+                   "photos decode faster than workers start; raise it for large folders)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     return p
 
@@ -93,7 +93,9 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, st
             bad.append((item, "no such file"))
             files = []
         for f in files:
-            reason = data.check_image(f)
+            # decode too: a file whose compressed data is damaged passes the header check and would
+            # stop the whole run in the loader (about a millisecond an image)
+            reason = data.check_image(f, decode=True)
             if reason:
                 bad.append((str(f), reason))
             else:
@@ -150,18 +152,19 @@ def format_text(rows: Sequence[dict]) -> str:
 def predict(args: argparse.Namespace, models: list[str], paths: list[str], run: dict
             ) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
     """(shown probabilities [N, 18], classes, class names, whether offsets were applied)."""
-    from inference import load_for_task, mask_genderage_pair, soft_vote
+    from inference import load_for_task, load_members, mask_genderage_pair, vote
 
     if args.mask_model_dir:
         _, _, probs = mask_genderage_pair(args.mask_model_dir, args.genderage_model_dir, args.state, paths, **run)
         mask, ga = (readable_names(load_for_task(d, args.state)[0]["classes"])
                     for d in (args.mask_model_dir, args.genderage_model_dir))
         return probs, probs.argmax(1), [f"{m}/{g}" for m in mask for g in ga], False  # m * 6 + g, as the pair
-    probs, pred, rule, ckpts = soft_vote(models, args.state, paths, args.weights, args.offsets, **run)
-    task = task_of(ckpts[0])
-    if not task.predicts_18:
+    members = load_members(models, args.state, args.weights)  # checks --weights too
+    task = task_of(members[0].ckpt)
+    if not task.predicts_18:  # before predicting: the readings below decode 18 classes
         raise PredictError(f"predict.py needs 18-class models (task all or multi), got a {task.name!r} model; "
                            f"combine a mask and a gender-age model with --mask_model_dir and --genderage_model_dir")
+    probs, pred, rule, ckpts = vote(members, paths, args.offsets, **run)
     return apply_offsets(probs, rule), pred, readable_names(ckpts[0]["classes"]), rule is not None
 
 

@@ -36,7 +36,7 @@ from torch import nn
 import cli
 import dataset as data
 from checkpoint import CheckpointSaver, build_metadata, check_resumable, load_resumable
-from cli import UsageError
+from cli import UsageError, str2bool
 from fileio import atomic_write_text
 from task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
 from tracking import DEFAULT_EXPERIMENT
@@ -46,16 +46,6 @@ SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
 
 
 # --------------------------------------------------------------------------- arguments
-def str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("true", "1", "yes", "y", "on"):
-        return True
-    if value.lower() in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
 def optional_bool(value: str | bool | None) -> bool | None:
     if value is None or isinstance(value, bool):
         return value

@@ -169,6 +169,7 @@ def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys):
     cases = {("--model", "resnet18"): "unknown --model 'resnet18'; known: ", ("--batch_size", "0"): "--batch_size must",
              ("--n", "-1"): "--n must be >= 0", ("--data_dir", str(tmp_path / "nope")): "--data_dir not found",
              ("--device", "gpu0"): "unknown --device 'gpu0'",
+             ("--n", "0"): "--n 0 (every image) needs --data_dir; to generate images give --n >= 1",
              ("--model", "SmallCNN", "--freeze_blocks", "2"): "model SmallCNN has no --freeze_blocks"}
     for argv, fragment in cases.items():
         code = cli.call(lambda: bench.main([*argv, "--num_workers", "0"]))

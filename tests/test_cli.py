@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import cli
 
@@ -75,6 +76,32 @@ def test_number_validators_as_argparse_types(capsys):
         with pytest.raises(SystemExit):
             p.parse_args(argv)
         assert capsys.readouterr().err.strip().endswith(f"t: error: {message}")
+
+
+def test_non_negative_int_refuses_negatives_and_fractions(capsys):
+    assert cli.non_negative_int(0, "--num_workers") == 0 and cli.non_negative_int("3", "--num_workers") == 3
+    for value in (-1, 1.5, "abc"):
+        with pytest.raises(cli.UsageError, match=r"^--num_workers must be"):
+            cli.non_negative_int(value, "--num_workers")
+    p = argparse.ArgumentParser(prog="t")
+    p.add_argument("--num_workers", type=cli.non_negative_int)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--num_workers", "-1"])
+    assert capsys.readouterr().err.strip().endswith("t: error: argument --num_workers: must be an integer >= 0, got -1")
+
+
+def test_str2bool_refuses_typos_instead_of_reading_them_as_false(capsys):
+    for text, value in (("True", True), ("true", True), ("1", True), ("yes", True), ("False", False), ("0", False),
+                        ("no", False), ("OFF", False)):
+        assert cli.str2bool(text) is value, text
+    assert cli.str2bool(True) is True
+    p = argparse.ArgumentParser(prog="t")
+    p.add_argument("--isEnsemble", type=cli.str2bool, default=False)
+    for typo in ("Ture", "flase", ""):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--isEnsemble", typo])
+        assert capsys.readouterr().err.strip().endswith(f"t: error: argument --isEnsemble: expected True or False, "
+                                                        f"got {typo!r}")
 
 
 # --------------------------------------------------------------------------- cli.call / cli.run
@@ -202,3 +229,23 @@ def test_run_closed_stdout_is_quiet(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == cli.EXIT_BROKEN_PIPE
     assert err == "", err
+
+
+class _FailingImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        raise cli.ToolkitError(f"cannot decode image (OSError): /data/img{i}.jpg")
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_one_line(capsys):
+    """A worker's error comes back with the worker's traceback as its message: only its own line shows."""
+    def main() -> int:
+        for _ in torch.utils.data.DataLoader(_FailingImages(), num_workers=1):
+            pass
+        return 0
+
+    assert cli.call(main) == 2
+    err = capsys.readouterr().err
+    assert err == "error: cannot decode image (OSError): /data/img0.jpg\n"

@@ -187,3 +187,13 @@ def test_failed_self_check_keeps_the_previous_file(trained_run, tmp_path, capsys
     one_error_line(capsys, ["--model_dir", trained_run, "--format", "pt2", "--out", out],
                    "disagrees with PyTorch", "nothing written", out)
     assert out.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+
+
+def test_negative_tolerance_is_refused_when_parsed(trained_run, tmp_path, capsys):
+    """Not after a whole export as `disagrees with PyTorch: 3.6e-07 > --tolerance -1`."""
+    with pytest.raises(SystemExit) as exit_:
+        export.main(["--model_dir", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                     "--tolerance", "-1"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: argument --tolerance: must be >= 0, got -1")
+    assert not any(tmp_path.iterdir())

@@ -13,6 +13,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+import cli
 import dataset as data
 import evaluation
 import inference
@@ -277,3 +278,62 @@ def test_bad_input_cli_exits_2_with_one_line(trained_run, mask_run, demo_root, t
         lines = stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, stdout, stderr)
         assert str(cases[name][1]) in lines[0], (name, stderr)
+
+
+# --------------------------------------------------------------------------- bad flags, refused before any work
+def run_main(capsys, *args) -> tuple[int, str]:
+    """inference.main through cli.call, as the script runs -> (exit code, stderr)."""
+    capsys.readouterr()
+    code = cli.call(lambda: inference.main([*map(str, args)]))
+    return code, capsys.readouterr().err
+
+
+def test_negative_or_all_zero_weights_are_one_error_line(trained_run, single, demo_root, tmp_path, capsys):
+    base = ["--data_dir", demo_root / "eval", "--output_dir", tmp_path / "out", "--num_workers", "0",
+            "--model_dir", trained_run, trained_run]
+    for weights, message in ((["0", "0"], "--weights are all 0: give at least one model a weight > 0"),
+                             (["-1", "2"], "--weights must be finite and >= 0, got -1.0"),
+                             (["nan", "1"], "--weights must be finite and >= 0, got nan")):
+        code, err = run_main(capsys, *base, "--weights", *weights)
+        assert code == 2 and err == f"error: {message}\n", (weights, err)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(inference.InferenceError, match="all 0"):  # load_members serves predict.py and serving too
+        inference.load_members([str(trained_run)] * 2, "best_f1", [0.0, 0.0])
+    # one zero beside a positive weight is a vote of the others
+    zero = infer(tmp_path / "zero", "--data_dir", demo_root / "eval", "--model_dir", trained_run, trained_run,
+                 "--weights", "1", "0")
+    np.testing.assert_allclose(read_probs(zero / "output_probs.csv")[1], read_probs(single / "output_probs.csv")[1],
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize("which, slot", [("mask_run", "--mask_model_dir"), ("genderage_run", "--genderage_model_dir")])
+def test_plain_run_of_a_mask_or_genderage_model_writes_no_submission(request, which, slot, demo_root, tmp_path,
+                                                                     capsys):
+    """Its class ids (0-2, 0-5) in output.csv would be scored as 18-class labels: refused, pointing at the pair."""
+    run = request.getfixturevalue(which)[0]
+    code, err = run_main(capsys, "--data_dir", demo_root / "eval", "--model_dir", run, "--output_dir", tmp_path / "out",
+                         "--num_workers", "0")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {run / 'best_f1.pth'} is a ") and "--isEnsemble True" in err, err
+    assert err.endswith(f"this model goes in {slot}\n"), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch_size", "0", "must be an integer >= 1, got 0"),
+    ("--num_workers", "-1", "must be an integer >= 0, got -1"),
+    ("--isEnsemble", "Ture", "expected True or False, got 'Ture'")])  # a typo once read as False
+def test_bad_flag_values_are_refused_when_parsed(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        inference.main([flag, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {message}")
+
+
+def test_cuda_device_without_a_gpu_is_one_error_line(trained_run, demo_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    code, err = run_main(capsys, "--data_dir", demo_root / "eval", "--model_dir", trained_run, "--device", "cuda",
+                         "--output_dir", tmp_path / "out", "--num_workers", "0")
+    assert code == 2 and err == ("error: --device cuda: no CUDA device is available on this machine; "
+                                 "use --device cpu or auto\n"), err
+    assert not (tmp_path / "out").exists()

@@ -391,3 +391,24 @@ def test_lite1_lite2_offline_weights_classify_grace_hopper(variant):
     with torch.no_grad():
         probs = pretrained(TF.normalize(x, info.mean, info.std)[None]).softmax(1)
     assert probs.argmax(1).item() == 652 and probs[0, 652] > 0.15  # "military uniform"
+
+
+def test_resolve_device_refuses_a_device_the_machine_lacks(monkeypatch):
+    """A CUDA or MPS device that is not there: one ValueError line, not a driver traceback later."""
+    assert zoo.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert zoo.resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match=rf"^--device {name}: no CUDA device is available on this machine"):
+            zoo.resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert zoo.resolve_device("cuda:1") == torch.device("cuda", 1) and zoo.resolve_device("cuda").type == "cuda"
+    with pytest.raises(ValueError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0..cuda:1$"):
+        zoo.resolve_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^--device mps: MPS \(Apple GPU\) is not available"):
+        zoo.resolve_device("mps")
+    with pytest.raises(ValueError, match=r"^unknown --device 'gpu0'"):
+        zoo.resolve_device("gpu0")

@@ -2,16 +2,21 @@
 --json, bad files among good ones; its class is inference.py's class for the same image."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 
 import cli
+import dataset as data
 import predict
 from tests.test_export import few_eval, infer, offsets_run  # noqa: F401 (fixtures)
 
@@ -121,3 +126,50 @@ def test_bad_files_one_line_each_and_the_rest_predicted(trained_run, few_eval, t
     assert code == 2 and err.splitlines()[-1].startswith("error: no image to predict") and len(err.splitlines()) == 3
     code, _, err = run_predict(capsys, "--model_dir", trained_run)
     assert code == 2 and err.startswith("error: no images") and err.count("\n") == 1
+
+
+def undecodable_jpeg(src: str, dst: Path) -> Path:
+    """`src` saved as a progressive JPEG with reserved markers (FF 02) written over its first scan's
+    entropy-coded data: header and end marker intact, so it passes check_image, yet neither OpenCV
+    (libjpeg reads every scan of a progressive file before any output) nor PIL decodes it."""
+    buf = io.BytesIO()
+    Image.open(src).save(buf, "JPEG", quality=90, progressive=True)
+    raw = bytearray(buf.getvalue())
+    sos = raw.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(raw[sos + 2:sos + 4], "big")  # the scan's first data byte
+    raw[start + 10:start + 26] = b"\xff\x02" * 8
+    dst.write_bytes(raw)
+    return dst
+
+
+def test_undecodable_jpeg_is_skipped_and_the_rest_predicted(trained_run, few_eval, tmp_path, capsys):
+    good = eval_paths(few_eval)[:2]
+    bad = undecodable_jpeg(good[0], tmp_path / "corrupt.jpg")
+    assert data.check_image(bad) is None and cv2.imread(str(bad)) is None  # the quick check cannot tell
+    with pytest.raises(data.DataError, match="cannot decode image"):
+        data.load_image(bad)
+    code, out, err = run_predict(capsys, "--model_dir", trained_run, good[0], bad, good[1])
+    assert code == 0, err
+    assert list(text_blocks(out)) == good
+    assert err == f"warning: cannot decode image: {bad} (skipped)\n"
+    doc = predict_json(capsys, "--model_dir", trained_run, bad, *good)
+    assert [r["path"] for r in doc["predictions"]] == good
+    assert doc["skipped"] == [{"path": str(bad), "reason": "cannot decode image"}]
+    code, _, err = run_predict(capsys, "--model_dir", trained_run, bad)
+    assert code == 2 and err.splitlines()[-1] == "error: no image to predict (1 input(s) skipped)"
+
+
+def test_bad_weights_workers_and_device_are_one_error_line(trained_run, few_eval, capsys, monkeypatch):
+    image = eval_paths(few_eval)[0]
+    for weights, message in ((["0", "0"], "--weights are all 0: give at least one model a weight > 0"),
+                             (["-1", "2"], "--weights must be finite and >= 0, got -1.0")):
+        code, out, err = run_predict(capsys, "--model_dir", trained_run, trained_run, image, "--weights", *weights)
+        assert code == 2 and err == f"error: {message}\n" and "nan" not in out, (weights, out, err)
+    with pytest.raises(SystemExit) as exit_:
+        predict.main(["--model_dir", str(trained_run), image, "--num_workers", "-1"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("argument --num_workers: must be an integer >= 0, got -1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    code, out, err = run_predict(capsys, "--model_dir", trained_run, image, "--device", "cuda")
+    assert code == 2 and err == ("error: --device cuda: no CUDA device is available on this machine; "
+                                 "use --device cpu or auto\n"), err
