@@ -308,7 +308,7 @@ def log_model_for(run_dir: str | Path, tracking_uri: str | None = None, register
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tracking import TrackingError, check_model_name, resolve_tracking_uri, tracking_disabled
+    from tracking import TrackingError, check_model_name, require_tracking
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a train.py run folder (or a --fold all folder: the soft vote of its folds)")
@@ -318,11 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.register_model is not None:
         check_model_name(args.register_model)
-    uri = resolve_tracking_uri(args.tracking_uri)
-    if tracking_disabled(uri):  # else a disabled Tracker would log nothing, silently
-        fix = (f"drop --tracking_uri {uri}" if args.tracking_uri and args.tracking_uri.strip()
-               else f"MLFLOW_TRACKING_URI is {uri!r}: unset it or pass --tracking_uri URI")
-        raise cli.UsageError(f"python -m serving logs a model to MLflow, so it needs tracking; {fix}")
+    # else a disabled Tracker would log nothing, silently
+    require_tracking(args.tracking_uri, "python -m serving logs a model to MLflow, so it needs tracking")
     try:
         logged = log_model_for(args.run_dir, args.tracking_uri, args.register_model, args.experiment)
     except TrackingError as e:

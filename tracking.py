@@ -116,6 +116,19 @@ def tracking_disabled(uri: str | None) -> bool:
     return uri is None or uri.strip().lower() in DISABLED_URIS
 
 
+def require_tracking(cli_uri: str | None, need: str) -> str:
+    """The URI of a step that logs to MLflow or nothing (`need` says which, e.g. "--register_model needs
+    MLflow tracking"); UsageError when tracking is off, naming what turned it off: the flag or the variable."""
+    from cli import UsageError
+
+    uri = resolve_tracking_uri(cli_uri)
+    if tracking_disabled(uri):
+        fix = (f"drop --tracking_uri {uri}" if cli_uri and cli_uri.strip()
+               else f"MLFLOW_TRACKING_URI is {uri!r}: unset it or pass --tracking_uri URI")
+        raise UsageError(f"{need}; {fix}")
+    return uri
+
+
 def _is_http(uri: str) -> bool:
     return uri.lower().startswith(("http://", "https://"))
 

@@ -302,11 +302,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if min(args.head_weights) < 0:
         raise UsageError(f"--head_weights must be >= 0, got {args.head_weights}")
     if args.register_model is not None:
-        from tracking import check_model_name, resolve_tracking_uri, tracking_disabled
+        from tracking import check_model_name, require_tracking
 
         check_model_name(args.register_model)
-        if tracking_disabled(resolve_tracking_uri(args.tracking_uri)):
-            raise UsageError("--register_model needs MLflow tracking; drop --tracking_uri none")
+        require_tracking(args.tracking_uri, "--register_model needs MLflow tracking")
     if args.label_overrides:
         data.read_label_overrides(args.label_overrides)  # the file's own faults, before any work
 

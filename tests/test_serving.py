@@ -171,6 +171,14 @@ def test_register_model_checked_before_any_work(extra, message):
         train.parse_args(extra)
 
 
+def test_register_model_with_tracking_off_by_the_variable_says_so(monkeypatch):
+    """Tracking turned off by MLFLOW_TRACKING_URI, not by a flag: the hint names the variable (as serving's does)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "none")
+    with pytest.raises(cli.UsageError, match=r"^--register_model needs MLflow tracking; MLFLOW_TRACKING_URI is 'none': "
+                                             r"unset it or pass --tracking_uri URI$"):
+        train.parse_args(["--register_model", "clf"])
+
+
 def _described_run(run: Path) -> Path:
     """A run folder whose best_f1.pth load_checkpoint accepts (a description, no weights: never built here)."""
     from checkpoint import atomic_save, build_metadata
