@@ -22,6 +22,7 @@ import difflib
 import errno
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -93,6 +94,8 @@ def os_error_line(exc: OSError) -> str | None:
     """`<strerror>: <path>` for an OSError a user's path or machine caused, None for anything else."""
     if isinstance(exc, BrokenPipeError):
         return None
+    if exc.errno is None and "\nOriginal Traceback" in str(exc):  # re-raised by a DataLoader: the message only
+        exc = _worker_os_error(exc)
     what = exc.strerror or str(exc)
     if exc.filename is not None:
         where = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else str(exc.filename)
@@ -104,6 +107,16 @@ def os_error_line(exc: OSError) -> str | None:
     if exc.errno in _ENVIRONMENT_ERRNOS:
         return what
     return None
+
+
+def _worker_os_error(exc: OSError) -> OSError:
+    """The OSError a DataLoader worker raised, rebuilt from its last traceback line
+    ("FileNotFoundError: [Errno 2] No such file or directory: '<path>'"); `exc` when that line has no errno."""
+    found = re.search(r"\[Errno (\d+)\] (.*?)(?:: '(.*)')?$", worker_message(str(exc)))
+    if found is None:
+        return exc
+    number, strerror, filename = found.groups()
+    return type(exc)(int(number), strerror, *([filename] if filename is not None else []))
 
 
 def error(message: object) -> None:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -249,3 +250,44 @@ def test_an_error_raised_in_a_dataloader_worker_is_one_line(capsys):
     assert cli.call(main) == 2
     err = capsys.readouterr().err
     assert err == "error: cannot decode image (OSError): /data/img0.jpg\n"
+
+
+class _VanishedImages(torch.utils.data.Dataset):
+    """Each item opens `error`'s file, or raises `error` itself when it is an exception."""
+
+    def __init__(self, error: str | OSError):
+        self.error = error
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        if isinstance(self.error, OSError):
+            raise self.error
+        return open(self.error, "rb")
+
+
+def _iterate_with_a_worker(dataset: torch.utils.data.Dataset) -> Callable[[], int]:
+    def main() -> int:
+        for _ in torch.utils.data.DataLoader(dataset, num_workers=1):
+            pass
+        return 0
+    return main
+
+
+def test_a_file_error_in_a_dataloader_worker_is_one_line_naming_the_file(capsys, tmp_path):
+    """The DataLoader re-raises a worker's FileNotFoundError with the traceback as its only argument (no errno,
+    no file name): the error's own errno and path are read back, so it reads as one in the main process does."""
+    gone = tmp_path / "images" / "001_female_Asian_45" / "mask1.jpg"
+    assert cli.call(_iterate_with_a_worker(_VanishedImages(str(gone)))) == 2
+    assert capsys.readouterr().err == f"error: No such file or directory: {gone}\n"
+    assert cli.call(_iterate_with_a_worker(_VanishedImages(OSError(errno.EIO, "Input/output error")))) == 2
+    assert capsys.readouterr().err == "error: Input/output error\n"
+
+
+def test_an_os_error_of_a_bug_in_a_dataloader_worker_keeps_its_traceback():
+    """An OSError with no errno (or one that is not about the machine) is a bug: it is raised, not hidden."""
+    with pytest.raises(OSError, match="Original Traceback"):
+        cli.call(_iterate_with_a_worker(_VanishedImages(OSError("codec state is inconsistent"))))
+    with pytest.raises(OSError, match="Original Traceback"):
+        cli.call(_iterate_with_a_worker(_VanishedImages(OSError(errno.EINVAL, "Invalid argument"))))
