@@ -2,7 +2,8 @@
 
 Training here uses one intra-op thread (`single_thread`): on a shared 2-core machine torch's
 default of two threads spin-waits whenever another process holds a core, which makes small
-CPU training several times slower, not faster.
+CPU training several times slower, not faster. The suite runs on two pytest-xdist workers (pytest.ini),
+so each worker keeps to one thread throughout (`pytest_configure`); `-n 0` runs it in one process.
 """
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ TINY_TRAIN_ARGS = ("--model", "SmallCNN", "--resize", "48", "36", "--epochs", "2
 MASK_ARGS = ("--dataset", "MaskSplitByProfileDatasetForAlbumOnlyMask", "--epochs", "1")
 GENDERAGE_ARGS = ("--dataset", "MaskSplitByProfileDatasetForAlbumOnlyGenderAge", "--epochs", "1")
 MULTI_ARGS = ("--task", "multi", "--epochs", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: two threads each would spin-wait
+        torch.set_num_threads(1)
 
 
 @contextlib.contextmanager
