@@ -94,7 +94,7 @@ def os_error_line(exc: OSError) -> str | None:
     """`<strerror>: <path>` for an OSError a user's path or machine caused, None for anything else."""
     if isinstance(exc, BrokenPipeError):
         return None
-    if exc.errno is None and "\nOriginal Traceback" in str(exc):  # re-raised by a DataLoader: the message only
+    if exc.errno is None and _from_worker(str(exc)):  # re-raised by a DataLoader: the message only
         exc = _worker_os_error(exc)
     what = exc.strerror or str(exc)
     if exc.filename is not None:
@@ -124,10 +124,15 @@ def error(message: object) -> None:
     print(f"error: {worker_message(str(message))}", file=sys.stderr, flush=True)
 
 
+def _from_worker(text: str) -> bool:
+    """Whether an error's text is a DataLoader worker's traceback, re-raised in the main process."""
+    return "\nOriginal Traceback" in text
+
+
 def worker_message(text: str) -> str:
     """A DataLoader re-raises a worker's error with the worker's whole traceback as its message
     ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep the error's own line."""
-    if "\nOriginal Traceback" not in text:
+    if not _from_worker(text):
         return text
     last = [line for line in text.splitlines() if line.strip()][-1]
     kind, sep, message = last.partition(": ")
