@@ -17,6 +17,7 @@ Only the standard library is imported: every module may import this one cheaply.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import difflib
 import errno
@@ -111,12 +112,18 @@ def os_error_line(exc: OSError) -> str | None:
 
 def _worker_os_error(exc: OSError) -> OSError:
     """The OSError a DataLoader worker raised, rebuilt from its last traceback line
-    ("FileNotFoundError: [Errno 2] No such file or directory: '<path>'"); `exc` when that line has no errno."""
-    found = re.search(r"\[Errno (\d+)\] (.*?)(?:: '(.*)')?$", worker_message(str(exc)))
+    ("FileNotFoundError: [Errno 2] No such file or directory: '<path>'", or "'<a>' -> '<b>'" for a
+    rename); `exc` when that line has no errno."""
+    found = re.search(rf"\[Errno (\d+)\] (.*?)(?:: ({_QUOTED})(?: -> ({_QUOTED}))?)?$", worker_message(str(exc)))
     if found is None:
         return exc
-    number, strerror, filename = found.groups()
-    return type(exc)(int(number), strerror, *([filename] if filename is not None else []))
+    number, strerror, *names = found.groups()
+    # the paths as Python's repr wrote them: '...' or, when the path holds a ', "..."
+    names = [ast.literal_eval(name) for name in names if name is not None]
+    return type(exc)(int(number), strerror, *names[:1], *([None, names[1]] if len(names) == 2 else []))
+
+
+_QUOTED = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""  # a Python str repr
 
 
 def error(message: object) -> None:

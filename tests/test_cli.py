@@ -281,6 +281,9 @@ def test_a_file_error_in_a_dataloader_worker_is_one_line_naming_the_file(capsys,
     gone = tmp_path / "images" / "001_female_Asian_45" / "mask1.jpg"
     assert cli.call(_iterate_with_a_worker(_VanishedImages(str(gone)))) == 2
     assert capsys.readouterr().err == f"error: No such file or directory: {gone}\n"
+    quoted = tmp_path / "it's \"here\"" / "mask1.jpg"  # a ' in the path: repr writes it in double quotes
+    assert cli.call(_iterate_with_a_worker(_VanishedImages(str(quoted)))) == 2
+    assert capsys.readouterr().err == f"error: No such file or directory: {quoted}\n"
     assert cli.call(_iterate_with_a_worker(_VanishedImages(OSError(errno.EIO, "Input/output error")))) == 2
     assert capsys.readouterr().err == "error: Input/output error\n"
 
