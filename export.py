@@ -3,12 +3,19 @@
     python export.py --model_dir model/exp --format onnx            # -> model/exp/best_f1.onnx
     python export.py --model_dir model/exp --format torchscript     # -> model/exp/best_f1.torchscript.pt
     python export.py --model_dir model/exp --state last --format pt2 --out serve/mask.pt2
+    python export.py --model_dir model/cv --state last --tta hflip --format onnx   # a --fold all folder's vote
+    python export.py --model_dir model/a model/b --weights 2 1 --format onnx --out vote.onnx
+
+What it exports is what inference.py predicts with the same --model_dir, --weights, --state and --tta:
+one model, or the soft vote of several (a cross-validation folder stands for its folds), each image
+averaged with its mirror image under --tta hflip.
 
 The file holds everything after the image library: input `images`, uint8 [N, H, W, 3] RGB
 already cropped and resized to the checkpoint's size (printed; any N); inside: /255, the
 checkpoint's mean/std, the model, the task's probabilities (softmax, or the product of a multi-head
-model's heads; a `years` age head at the checkpoint's cut points) and, where the checkpoint has
-decision offsets, their renormalised result, so that arg-max is inference.py's class; output
+model's heads; a `years` age head at the checkpoint's cut points), the weighted mean over the
+models and, where the checkpoints have decision offsets, their renormalised result (a vote: the
+weighted mean of its models' offsets), so that arg-max is inference.py's class; output
 `probs`, float32 [N, classes]. Run it with onnxruntime, torch.jit.load or torch.export.load.
 
 Before the file takes its name it is loaded back and compared with inference.py's PyTorch path on
@@ -21,6 +28,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -33,8 +41,8 @@ from torch import nn
 
 import cli
 import dataset as data
-from checkpoint import (build_model, check_state_name, decision_age_cuts, expand_runs,
-                        load_checkpoint, resolve_state_path)
+from checkpoint import build_model, check_state_name, decision_age_cuts, state_file
+from inference import Member, ensemble_offsets, load_members
 from fileio import atomic_write, atomic_write_bytes
 from task import PROB_FLOOR, Task, apply_offsets, task_of
 
@@ -60,26 +68,44 @@ class ExportTask(Task):
         return s[:, None, :].masked_fill(later, 1.0).amin(dim=2)
 
 
-class ExportableClassifier(nn.Module):
-    """uint8 NHWC RGB batch -> class probabilities, as inference.py computes them (see the module doc)."""
+class ExportableModel(nn.Module):
+    """One checkpoint: uint8 NHWC RGB batch -> its class probabilities, as inference.predict_probs
+    computes them (`tta` "hflip": averaged with the mirrored batch)."""
 
-    def __init__(self, ckpt: dict) -> None:
+    def __init__(self, ckpt: dict, tta: str = "none") -> None:
         super().__init__()
         pre, task = ckpt["preprocess"], task_of(ckpt)
         self.model = build_model(ckpt).eval()
         self.task = ExportTask(task.name, task.age_head)
         self.age_cuts = tuple(decision_age_cuts(ckpt))
+        self.hflip = tta == "hflip"
         mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(pre["std"], dtype=torch.float32).view(1, 3, 1, 1)
         # the same per-channel scale and shift as dataset.BatchTransform, so the network sees the same input
         self.register_buffer("scale", 1.0 / (255.0 * std))
         self.register_buffer("shift", -mean / std)
-        offsets = ckpt.get("class_offsets")
-        self.register_buffer("offsets", None if offsets is None else torch.tensor(offsets, dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float() * self.scale + self.shift
         probs = self.task.probs(self.model(x).float(), self.age_cuts)
+        if self.hflip:
+            probs = (probs + self.task.probs(self.model(torch.flip(x, dims=[3])).float(), self.age_cuts)) / 2
+        return probs
+
+
+class ExportableClassifier(nn.Module):
+    """uint8 NHWC RGB batch -> class probabilities, as inference.py computes them (see the module
+    doc): the weighted mean of its models' probabilities, then the decision `offsets` if any."""
+
+    def __init__(self, ckpts: Sequence[dict], weights: Sequence[float], offsets: np.ndarray | None = None,
+                 tta: str = "none") -> None:
+        super().__init__()
+        self.members = nn.ModuleList(ExportableModel(ckpt, tta) for ckpt in ckpts)
+        self.weights = [float(w) / float(sum(weights)) for w in weights]
+        self.register_buffer("offsets", None if offsets is None else torch.tensor(offsets, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        probs = sum(w * member(images) for w, member in zip(self.weights, self.members))
         if self.offsets is not None:  # task.apply_offsets in torch: p' ∝ p * exp(b)
             probs = (probs.clamp_min(PROB_FLOOR).log() + self.offsets).softmax(dim=1)
         return probs
@@ -181,19 +207,20 @@ def write_synthetic_images(folder: Path, n: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def parity(run: Callable[[np.ndarray], np.ndarray], ckpt: dict, paths: Sequence[str]) -> tuple[float, int]:
+def parity(run: Callable[[np.ndarray], np.ndarray], members: Sequence[Member], offsets: np.ndarray | None,
+           tta: str, paths: Sequence[str]) -> tuple[float, int]:
     """(max |p_export - p_torch|, images whose classes agree) on the same uint8 images: the exported
     file gets the toolkit pipeline's decoded, cropped, resized pixels; PyTorch is inference.py's
-    path (predict_probs, then the checkpoint's offsets)."""
-    from inference import predict_probs
+    path (its vote, then the offsets)."""
+    from inference import vote
 
-    pre = ckpt["preprocess"]
+    pre = members[0].ckpt["preprocess"]
     store = data.ImageStore(paths, pre["resize"], pre["crop"])
     images = np.stack([store[i] for i in range(len(store))])
     # one image alone, then the rest as one batch: both batch sizes must work
     exported = np.concatenate([run(images[:1]), *([run(images[1:])] if len(images) > 1 else [])])
-    expected = apply_offsets(predict_probs(ckpt, list(paths), num_workers=0, progress=False),
-                             ckpt.get("class_offsets"))
+    probs = vote(members, list(paths), offsets="none", verbose=False, num_workers=0, tta=tta, progress=False)[0]
+    expected = apply_offsets(probs, offsets)
     diff = float(np.abs(exported.astype(np.float64) - expected).max())
     return diff, int((exported.argmax(1) == expected.argmax(1)).sum())
 
@@ -201,12 +228,18 @@ def parity(run: Callable[[np.ndarray], np.ndarray], ckpt: dict, paths: Sequence[
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", required=True, help="run folder or .pth file")
+    p.add_argument("--model_dir", required=True, nargs="+",
+                   help="run folder(s) or .pth file(s); several = their soft vote; a --fold all folder = its folds")
+    p.add_argument("--weights", nargs="+", type=float, default=None,
+                   help="soft-vote weight per --model_dir, as inference.py's (default equal)")
     p.add_argument("--state", default="best_f1", help="best|best_f1|last (.pth optional; default best_f1)")
+    p.add_argument("--tta", choices=["none", "hflip"], default="none",
+                   help="hflip: average each image with its mirror image inside the file, as inference.py --tta hflip")
     p.add_argument("--format", required=True, choices=list(FORMATS), help="onnx (onnxruntime), torchscript "
                    "(torch.jit.load), pt2 (torch.export.load)")
     p.add_argument("--out", default=None, help="file to write (default: beside the checkpoint, e.g. "
-                   "RUN/best_f1.onnx, RUN/best_f1.torchscript.pt, RUN/best_f1.pt2)")
+                   "RUN/best_f1.onnx, RUN/best_f1.torchscript.pt, RUN/best_f1.pt2; a --fold all folder: in it, "
+                   "CV/best_f1.onnx; needed for several --model_dir)")
     p.add_argument("--check_images", type=cli.positive_int, default=32,
                    help="images for the parity check (default 32)")
     p.add_argument("--tolerance", type=cli.non_negative, default=1e-4,
@@ -225,34 +258,56 @@ def check_out(out: Path) -> None:
         raise ExportError(f"no permission to write in the folder of --out: {out}")
 
 
-def resolve_checkpoint(model_dir: str, state: str) -> Path:
-    folds = expand_runs([model_dir])[0]
-    if folds != [Path(model_dir)]:
-        raise ExportError(f"{model_dir} is a cross-validation folder ({len(folds)} folds); export one fold, "
-                          f"e.g. --model_dir {folds[0]}")
-    return resolve_state_path(model_dir, state)
+def default_out(model_dirs: Sequence[str], members: Sequence[Member], state: str, fmt: str) -> Path:
+    """Beside the one checkpoint (RUN/best_f1.onnx), or in the one cross-validation folder (CV/best_f1.onnx)."""
+    if len(model_dirs) > 1:
+        raise ExportError(f"--out is needed for the vote of {len(model_dirs)} --model_dir: there is no one folder "
+                          "to write it in")
+    if len(members) == 1:
+        return members[0].path.with_name(members[0].path.stem + FORMATS[fmt])
+    return Path(model_dirs[0]) / (Path(state_file(state)).stem + FORMATS[fmt])
 
 
-def describe_input(ckpt: dict) -> str:
+def check_same_input(members: Sequence[Member]) -> None:
+    """One file takes one input: the models must share the size and crop of their images."""
+    inputs = {json.dumps([m.ckpt["preprocess"]["resize"], m.ckpt["preprocess"].get("crop")]) for m in members}
+    if len(inputs) > 1:
+        raise ExportError("the models take different inputs (" + ", ".join(
+            f"{m.path}: {describe_size(m.ckpt)}" for m in members) + "); export them one at a time")
+
+
+def describe_size(ckpt: dict) -> str:
     pre = ckpt["preprocess"]
     h, w = pre["resize"]
     crop = pre.get("crop")
-    prep = (f"crop {crop[0]} {crop[1]}x{crop[2]} (in 384x512-photo pixels), then resize to {h}x{w}"
+    return (f"crop {crop[0]} {crop[1]}x{crop[2]} (in 384x512-photo pixels), then resize to {h}x{w}"
             if crop else f"resize to {h}x{w} (H x W)")
-    return f"input  {INPUT_NAME!r}: uint8 [N, {h}, {w}, 3] RGB, any N; {prep} yourself"
+
+
+def describe_input(ckpt: dict) -> str:
+    h, w = ckpt["preprocess"]["resize"]
+    return f"input  {INPUT_NAME!r}: uint8 [N, {h}, {w}, 3] RGB, any N; {describe_size(ckpt)} yourself"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_state_name(args.state)
-    path = resolve_checkpoint(args.model_dir, args.state)
-    out = Path(args.out) if args.out else path.with_name(path.stem + FORMATS[args.format])
+    members = load_members(args.model_dir, args.state, args.weights)
+    check_same_input(members)
+    out = Path(args.out) if args.out else default_out(args.model_dir, members, args.state, args.format)
     check_out(out)
-    ckpt = load_checkpoint(path)
-    task = task_of(ckpt)
-    print(f"model {path}: {ckpt['model']['name']} task {task.describe()}")
-
-    module = ExportableClassifier(ckpt).eval()
+    ckpts = [m.ckpt for m in members]
+    ckpt, task = ckpts[0], task_of(ckpts[0])
+    for m in members:
+        print(f"model {m.path}: {m.ckpt['model']['name']} task {task_of(m.ckpt).describe()}")
+    weights = np.array([m.weight for m in members], dtype=np.float64)
+    offsets = ensemble_offsets(ckpts, weights)
+    if len(members) > 1:
+        print(f"soft vote of {len(members)} models, weights "
+              + " ".join(f"{w:.3g}" for w in weights / weights.sum()) + f"; tta {args.tta}")
+    elif args.tta != "none":
+        print(f"tta {args.tta}")
+    module = ExportableClassifier(ckpts, weights.tolist(), offsets, args.tta).eval()
     h, w = ckpt["preprocess"]["resize"]
     example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     try:
@@ -262,16 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the exporters raise many types for an unsupported operation
         line = (str(e).strip().splitlines() or [""])[0][:200]
         raise ExportError(f"cannot export {ckpt['model']['name']} to {args.format} "
-                          f"({e.__class__.__name__}: {line}): {path}") from None
+                          f"({e.__class__.__name__}: {line}): {members[0].path}") from None
 
-    listed = sample_paths(path.parent, args.check_images)
+    listed = next((found for m in members if (found := sample_paths(m.path.parent, args.check_images))), [])
     with tempfile.TemporaryDirectory() as scratch:
         paths = listed or write_synthetic_images(Path(scratch), args.check_images)
         what = "validation images (val_samples.csv)" if listed else "synthetic images"
 
         def write_and_check(tmp: Path) -> None:
             save(tmp)
-            diff, agree = parity(load_exported(tmp, args.format), ckpt, paths)
+            diff, agree = parity(load_exported(tmp, args.format), members, offsets, args.tta, paths)
             print(f"parity on {len(paths)} {what}: max |p_{args.format} - p_pytorch| = {diff:.1e}, "
                   f"classes agree on {agree}/{len(paths)}")
             if not diff <= args.tolerance:  # also catches NaN
@@ -279,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{diff:.1e} > --tolerance {args.tolerance:g}; nothing written: {out}")
 
         atomic_write(out, write_and_check)  # checked under a temp name: a failed check leaves no file
-    offsets = " after the checkpoint's decision offsets (renormalised)" if ckpt.get("class_offsets") else ""
+    after = " after the checkpoints' decision offsets (renormalised)" if offsets is not None else ""
     print(f"wrote {out} ({args.format}, {out.stat().st_size / 1e6:.1f} MB)")
     print(describe_input(ckpt))
-    print(f"output {OUTPUT_NAME!r}: float32 [N, {task.num_classes}] class probabilities{offsets}; "
+    print(f"output {OUTPUT_NAME!r}: float32 [N, {task.num_classes}] class probabilities{after}; "
           f"arg-max = inference.py's class")
     return 0
 

@@ -105,7 +105,7 @@ def test_onnx_matches_inference(run_fixture, request, few_eval, tmp_path, capsys
 
 def test_decision_offsets_give_inference_classes(offsets_run, few_eval, tmp_path, capsys):
     printed = export_run(capsys, "--model_dir", offsets_run, "--format", "onnx")
-    assert "after the checkpoint's decision offsets" in printed
+    assert "after the checkpoints' decision offsets" in printed
     ans, probs = infer(few_eval, tmp_path / "inf", "--model_dir", offsets_run)
     ckpt = load_checkpoint(offsets_run / "best_f1.pth")
     assert (ans != probs.argmax(1)).any()  # the offsets decide some images differently
@@ -113,6 +113,51 @@ def test_decision_offsets_give_inference_classes(offsets_run, few_eval, tmp_path
     assert (exported.argmax(1) == ans).all()
     assert np.abs(exported - apply_offsets(probs, ckpt["class_offsets"])).max() < 1e-4
     np.testing.assert_allclose(exported.sum(1), 1.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- soft votes
+def test_cross_validation_folder_is_its_folds_vote_with_flip_tta(trained_run, multi_run, few_eval, tmp_path, capsys):
+    """A --fold all folder exports as inference.py predicts it: the mean of its folds (here an 18-class and a
+    multi-head model), each image averaged with its mirror image; the file goes in the folder."""
+    cv = tmp_path / "cv"
+    copy_run(trained_run, cv / "fold0")
+    copy_run(multi_run[0], cv / "fold1")
+    printed = export_run(capsys, "--model_dir", cv, "--format", "onnx", "--tta", "hflip")
+    assert "soft vote of 2 models, weights 0.5 0.5; tta hflip" in printed and f"wrote {cv / 'best_f1.onnx'}" in printed
+    ans, probs = infer(few_eval, tmp_path / "inf", "--model_dir", cv, "--tta", "hflip")
+    exported = run_onnx(cv / "best_f1.onnx", pipeline_images(few_eval, load_checkpoint(cv / "fold0" / "best_f1.pth")))
+    assert_matches(exported, ans, probs)
+    _, plain = infer(few_eval, tmp_path / "plain", "--model_dir", cv)
+    assert np.abs(exported - plain).max() > 1e-3  # the flip is inside the file: without it the answer differs
+
+
+def test_weighted_vote_with_offsets_needs_out_and_matches_inference(offsets_run, multi_run, few_eval, tmp_path,
+                                                                     capsys):
+    """Several --model_dir with --weights: the weighted mean, then the weighted mean of their offsets."""
+    other = copy_run(multi_run[0], tmp_path / "other")
+    set_decision(other / "best_f1.pth", class_offsets=np.linspace(-1, 1, 18).tolist())
+    argv = ["--model_dir", offsets_run, other, "--weights", "3", "1", "--format", "pt2"]
+    one_error_line(capsys, argv, "--out is needed for the vote of 2 --model_dir")
+    out = tmp_path / "vote.pt2"
+    printed = export_run(capsys, *argv, "--out", out)
+    assert "weights 0.75 0.25; tta none" in printed and "after the checkpoints' decision offsets" in printed
+    ans, probs = infer(few_eval, tmp_path / "inf", "--model_dir", offsets_run, other, "--weights", "3", "1")
+    images = torch.from_numpy(pipeline_images(few_eval, load_checkpoint(other / "best_f1.pth")))
+    with torch.inference_mode():
+        exported = torch.export.load(str(out)).module()(images).numpy()
+    assert (exported.argmax(1) == ans).all()
+    a, b = (np.array(load_checkpoint(r / "best_f1.pth")["class_offsets"]) for r in (offsets_run, other))
+    assert np.abs(exported - apply_offsets(probs, (3 * a + b) / 4)).max() < 1e-4
+
+
+def test_models_with_different_inputs_are_refused(trained_run, tmp_path, capsys):
+    small = copy_run(trained_run, tmp_path / "small")
+    ckpt = torch.load(small / "best_f1.pth", weights_only=True)
+    ckpt["preprocess"]["resize"] = [32, 24]
+    torch.save(ckpt, small / "best_f1.pth")
+    one_error_line(capsys, ["--model_dir", trained_run, small, "--format", "onnx", "--out", tmp_path / "v.onnx"],
+                   "the models take different inputs", "resize to 32x24", "export them one at a time")
+    assert not (tmp_path / "v.onnx").exists()
 
 
 # --------------------------------------------------------------------------- TorchScript, pt2, defaults
@@ -173,10 +218,7 @@ def test_unusable_out_gives_one_error_line(trained_run, tmp_path, capsys):
     for out in outs:
         one_error_line(capsys, ["--model_dir", trained_run, "--format", "onnx", "--out", out], out)
     one_error_line(capsys, ["--model_dir", tmp_path / "nope", "--format", "onnx"], tmp_path / "nope")
-    folds = tmp_path / "cv"
-    copy_run(trained_run, folds / "fold0")
-    one_error_line(capsys, ["--model_dir", folds, "--format", "onnx"], "cross-validation", folds / "fold0")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "cv", "locked"] and not any(locked.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "locked"] and not any(locked.iterdir())
 
 
 def test_failed_self_check_keeps_the_previous_file(trained_run, tmp_path, capsys, monkeypatch):
