@@ -246,16 +246,18 @@ def load_resumable(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def check_resumable(ckpt: dict, model_name: str, model_options: dict, task: Task, path: str | os.PathLike) -> None:
+def check_resumable(ckpt: dict, model_name: str, model_options: dict, task: Task, resize: Sequence[int],
+                    path: str | os.PathLike) -> None:
     """The network a resumed run builds must be the one its last.pth holds (else loading its weights
-    fails with a page of missing keys): one line naming what differs."""
-    saved = {"options": {}, **ckpt["model"], "task": ckpt["task"]}  # older checkpoints may lack options
-    wanted = {**model_spec(model_name, model_options, task), "task": task.name}
-    labels = {"name": "model", "options": "model options", "num_classes": "classes"}
+    fails with a page of missing keys), and it must see images of the same size (else one run folder
+    holds checkpoints of two input sizes): one line naming what differs."""
+    saved = {"options": {}, **ckpt["model"], "task": ckpt["task"], "resize": list(ckpt["preprocess"]["resize"])}
+    wanted = {**model_spec(model_name, model_options, task), "task": task.name, "resize": list(resize)}
+    labels = {"name": "model", "options": "model options", "num_classes": "classes", "resize": "--resize"}
     differ = [f"{labels.get(key, key)} {saved.get(key)!r} there, {value!r} here"
               for key, value in wanted.items() if saved.get(key) != value]
     if differ:
-        raise CheckpointError(f"--resume {path} holds another network ({'; '.join(differ)}): give the flags "
+        raise CheckpointError(f"--resume {path} holds another network or input ({'; '.join(differ)}): give the flags "
                               f"it was trained with, or none (they are read from its config.json)")
 
 

@@ -180,6 +180,9 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UsageError(f"cannot parse --config ({e.__class__.__name__}: {str(e).splitlines()[0][:100]}): {file}") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config must hold a mapping of flag names to values: {file}")
+    if values.get("resume") and file.name != "config.json":  # a run's config.json always records its resume
+        print(f"warning: --config {file}: its resume key is ignored (a config starts a run); continue a run "
+              f"with --resume on the command line", file=sys.stderr)
     values = {k: v for k, v in values.items() if k not in ("resolved", "config", "resume")}
     actions = {a.dest: a for a in parser._actions}
     unknown = sorted(set(values) - set(actions))
@@ -232,14 +235,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", default=None)
     first, _ = pre.parse_known_args(argv)
-    saved = Path(first.resume).parent / "config.json" if first.resume else None
+    resume = resume_file(first.resume) if first.resume else None
+    saved = resume.parent / "config.json" if resume else None
     if saved is not None and saved.is_file():  # `--resume <run>/last.pth` alone continues the run as it was
         parser.set_defaults(**load_config(saved, parser))
+        if cross_validation_of(resume) is not None:  # a fold of --fold all: the folds after it follow
+            parser.set_defaults(fold="all")
     if first.config:
         parser.set_defaults(**load_config(first.config, parser))
     args = parser.parse_args(argv)
+    if resume is not None:
+        args.resume = str(resume)
     validate_args(args)
     return args
+
+
+def resume_file(value: str) -> Path:
+    """--resume's last.pth (a run folder stands for its last.pth), checked before anything runs."""
+    path = Path(value)
+    if path.is_dir():
+        if not (path / "last.pth").is_file():
+            have = ", ".join(p.name for p in sorted(path.glob("*.pth"))) or "none"
+            raise UsageError(f"--resume: no last.pth in {path} (present: {have})")
+        return path / "last.pth"
+    if not path.is_file():
+        raise UsageError(f"--resume: file not found: {path}")
+    return path
+
+
+def cross_validation_of(resume: Path) -> Path | None:
+    """The --fold all folder that a fold's last.pth belongs to, or None."""
+    parent = resume.parent.parent
+    if not re.fullmatch(r"fold\d+", resume.parent.name) or not (parent / "config.json").is_file():
+        return None
+    try:
+        return parent if json.loads((parent / "config.json").read_text()).get("fold") == "all" else None
+    except (OSError, ValueError):
+        return None
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -520,11 +552,13 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
         labels = np.array(train_set.labels())
         weights = torch.tensor(1.0 / np.bincount(labels)[labels], dtype=torch.double)
     sampler = EpochSampler(len(train_set), args.seed, weights, rank, world)
+    # Each loader draws its workers' base seed from a generator of its own: from the global RNG, the
+    # draw would happen once per run with persistent workers, so a resumed run's dropout would differ.
     train_loader = data.make_loader(train_set, args.batch_size, sampler=sampler, num_workers=s.num_workers,
-                                    pin_memory=pin_memory)
+                                    pin_memory=pin_memory, seed=args.seed + rank)
     val_order = list(range(rank, len(val_set), world))  # exact shards: no padding, nothing dropped
     val_loader = data.make_loader(val_set, args.valid_batch_size, sampler=val_order, num_workers=s.num_workers,
-                                  pin_memory=pin_memory) if val_idx else None
+                                  pin_memory=pin_memory, seed=args.seed + rank) if val_idx else None
     return Data(samples, store, train_set, val_set, train_loader, val_loader, sampler, val_order, augmentation,
                 overrides.records() if overrides else [])
 
@@ -858,7 +892,10 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     resumed = load_resumable(args.resume) if args.resume else None
     s = resolve_settings(args, device, world)
     if resumed:
-        check_resumable(resumed, args.model, s.model_options, s.task, args.resume)
+        check_resumable(resumed, args.model, s.model_options, s.task, s.resize, args.resume)
+        if resumed["epoch"] + 1 >= args.epochs and parent is None:  # nothing to train: leave the run as it is
+            raise UsageError(f"nothing to resume: {args.resume} holds epoch {resumed['epoch'] + 1} of "
+                             f"{args.epochs} (--epochs); give a larger --epochs to train on")
     run_dir = Path(broadcast(str(Path(args.resume).parent if args.resume else free_run_dir(args.model_dir, args.name)),
                              world))
     tracker = start_tracking(args, s, run_dir, resumed, parent)
@@ -984,8 +1021,11 @@ def interrupted_message(run_dir: Path, epoch: int, saved_epoch: int) -> str:
     last = run_dir / "last.pth"
     if saved_epoch >= 0 and last.exists():
         return (f"\ninterrupted in epoch {epoch + 1}: {last} holds epoch {saved_epoch + 1}; "
-                f"continue with --resume {last}")
-    return f"\ninterrupted in epoch {epoch + 1}, before any epoch completed: nothing to resume"
+                f"continue with --resume {shlex.quote(str(last))}")
+    best = run_dir / "best_f1.pth"
+    kept = f" ({best} holds the best epoch so far, for inference)" if best.exists() else ""
+    return (f"\ninterrupted in epoch {epoch + 1}, before the first last.pth was saved (at the end of an "
+            f"epoch): nothing to resume{kept}")
 
 
 # --------------------------------------------------------------------------- K-fold in one command

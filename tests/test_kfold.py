@@ -95,7 +95,10 @@ def test_the_cv_folder_stands_for_its_folds(cv_run, demo_root, capsys):
     (["--kfold", "3", "--fold", "all", "--mode", "all"], "--fold all trains every fold"),
     (["--kfold", "3", "--fold", "all", "--resume", "model/exp/last.pth"], "resumes from a fold's last.pth"),
 ])
-def test_fold_all_misuse_is_one_line(extra, message):
+def test_fold_all_misuse_is_one_line(extra, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model" / "exp").mkdir(parents=True)
+    (tmp_path / "model" / "exp" / "last.pth").write_bytes(b"")  # --resume must name a file
     with pytest.raises(UsageError, match=message):
         train.parse_args(["--tracking_uri", "none", *extra])
 
@@ -122,7 +125,7 @@ def test_holdout_fold_holds_out_the_people_of_that_fold(cv_run, demo_root, tmp_p
 
 
 def test_interrupted_cross_validation_resumes_at_its_fold(demo_root, tiny_train_args, tmp_path, monkeypatch):
-    """SIGTERM in fold 1: exit 143 with its last.pth named; --resume <cv>/fold1/last.pth finishes fold 1
+    """SIGTERM in fold 1: exit 143 with its last.pth named; --resume <cv>/fold1/last.pth alone finishes fold 1
     and trains fold 2, in the same parent MLflow run."""
     import signal
 
@@ -152,7 +155,7 @@ def test_interrupted_cross_validation_resumes_at_its_fold(demo_root, tiny_train_
     assert f"continue with --resume {last}" in out.getvalue() and not (cv / "cv.json").exists()
     monkeypatch.setattr(train, "train_one_epoch", real)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert train.main([*base, "--resume", str(last)]) == 0
+        assert train.main(["--resume", str(last)]) == 0  # as the message says: the folds after it follow
     assert load_checkpoint(last)["epoch_number"] == 2 and (cv / "fold2" / "best_f1.pth").is_file()
     assert len(json.loads((cv / "cv.json").read_text())["folds"]) == 3
     client = MlflowClient(uri)

@@ -201,6 +201,61 @@ def test_resume_continues_exactly(tiny_train, tiny_train_args, demo_root, tmp_pa
     assert final["metrics"]["val_f1"] == reference["metrics"]["val_f1"]
 
 
+def test_resume_with_a_loader_worker_continues_exactly(tiny_train_args, demo_root, tmp_path, capsys):
+    """With persistent DataLoader workers too: 2 epochs then --resume to 3 gives the weights of 3 epochs
+    in one go (the loaders' worker seeds do not come from the global RNG, which the resume restores)."""
+    base = [*tiny_train_args, "--scheduler", "none", "--num_workers", "1", "--data_dir", str(demo_root / "train"),
+            "--model_dir", str(tmp_path)]
+    assert train.main([*base, "--epochs", "3", "--name", "whole"]) == 0
+    assert train.main([*base, "--epochs", "2", "--name", "part"]) == 0
+    assert train.main(["--resume", str(tmp_path / "part"), "--epochs", "3"]) == 0  # a run folder: its last.pth
+    assert f"resuming from {tmp_path / 'part' / 'last.pth'} at epoch 3" in capsys.readouterr().out
+    whole, part = (load_checkpoint(tmp_path / name / "last.pth") for name in ("whole", "part"))
+    assert part["epoch"] == whole["epoch"] == 2
+    assert_same(part["state_dict_train"], whole["state_dict_train"], "weights")
+
+
+def test_resume_mistakes_are_one_line_before_any_work(trained_run, tmp_path, monkeypatch, capsys):
+    """A wrong --resume path makes no demo data (it used to, with no --data_dir); a finished run, another
+    --resize or a folder without last.pth leave the run as it is."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = (run / "config.json").read_text()
+    cases = [(["--resume", str(tmp_path / "typo" / "last.pth")], f"--resume: file not found: {tmp_path / 'typo'}"),
+             (["--resume", str(tmp_path)], f"--resume: no last.pth in {tmp_path} (present: none)"),
+             (["--resume", str(run / "last.pth")], "nothing to resume: " + str(run / "last.pth") + " holds epoch 2 "
+              "of 2 (--epochs); give a larger --epochs"),
+             (["--resume", str(run), "--epochs", "1"], "holds epoch 2 of 1"),
+             (["--resume", str(run), "--epochs", "3", "--resize", "32", "24"],
+              "holds another network or input (--resize [48, 36] there, [32, 24] here)")]
+    for argv, message in cases:
+        with pytest.raises((train.UsageError, CheckpointError), match=re.escape(message)):
+            train.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no data/demo, nothing else
+    assert (run / "config.json").read_text() == config and load_checkpoint(run / "last.pth")["epoch"] == 1
+
+
+def test_interrupted_before_the_first_last_pth_says_so(tmp_path):
+    run = tmp_path / "my run"
+    run.mkdir()
+    assert "nothing to resume" in train.interrupted_message(run, 0, -1) and "best_f1" not in \
+        train.interrupted_message(run, 0, -1)
+    (run / "best_f1.pth").write_bytes(b"")
+    assert f"{run / 'best_f1.pth'} holds the best epoch so far" in train.interrupted_message(run, 0, -1)
+    (run / "last.pth").write_bytes(b"")
+    message = train.interrupted_message(run, 3, 2)
+    assert message.endswith(f"holds epoch 3; continue with --resume '{run / 'last.pth'}'")  # pasteable: quoted
+
+
+def test_a_config_file_with_resume_says_it_is_ignored(trained_run, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"resume: {trained_run / 'last.pth'}\nepochs: 1\n")
+    args = train.parse_args(["--config", str(config)])
+    assert args.resume is None and args.epochs == 1
+    assert "its resume key is ignored" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- tasks and modes
 @pytest.mark.parametrize("which, task, n_classes, n_outputs", [
     ("trained_run", "all", 18, 18), ("mask_run", "mask", 3, 3), ("genderage_run", "genderage", 6, 6),
@@ -440,7 +495,7 @@ def test_resume_alone_continues_the_run_as_it_was_trained(tiny_train_args, demo_
     ckpt = load_checkpoint(run / "last.pth")
     assert ckpt["epoch"] == 1 and ckpt["model"]["options"] == {"freeze_blocks": 2}
     assert ckpt["preprocess"]["resize"] == [32, 32]
-    with pytest.raises(CheckpointError, match=r"holds another network \(model options \{'freeze_blocks': 2\} "
+    with pytest.raises(CheckpointError, match=r"holds another network or input \(model options \{'freeze_blocks': 2\} "
                                               r"there, \{'freeze_blocks': 1\} here\)"):
         train.main(["--resume", str(run / "last.pth"), "--epochs", "3", "--freeze_blocks", "1"])
     assert load_checkpoint(run / "last.pth")["epoch"] == 1
