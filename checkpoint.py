@@ -20,8 +20,10 @@ checkpoints (val_probs.npy, val_labels.npy, val_logits.npy); every error names t
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -149,8 +151,20 @@ def expand_runs(paths: Iterable[str | os.PathLike]) -> list[list[Path]]:
     for path in map(Path, paths):
         folds = [f for f in path.glob("fold*") if re.fullmatch(r"fold\d+", f.name) and f.is_dir()] \
             if path.is_dir() and not any(path.glob("*.pth")) else []
-        out.append(sorted(folds, key=lambda f: int(f.name[4:])) or [path])
+        folds = sorted(folds, key=lambda f: int(f.name[4:]))
+        if folds and not (path / "cv.json").is_file():
+            print(f"warning: {path} has no cv.json (an unfinished --fold all?): using its "
+                  f"{len(folds)} fold(s) {', '.join(f.name for f in folds)}{_expected_folds(path)}", file=sys.stderr)
+        out.append(folds or [path])
     return out
+
+
+def _expected_folds(cv_dir: Path) -> str:
+    """", of K" from the folder's config.json (train.py --kfold K --fold all), or "" when it cannot say."""
+    try:
+        return f" of {int(json.loads((cv_dir / 'config.json').read_text())['kfold'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def state_file(state: str) -> str:

@@ -124,7 +124,7 @@ def test_holdout_fold_holds_out_the_people_of_that_fold(cv_run, demo_root, tmp_p
         holdout.make_holdout(demo_root / "train", tmp_path / "bad", kfold=3, fold=3)
 
 
-def test_interrupted_cross_validation_resumes_at_its_fold(demo_root, tiny_train_args, tmp_path, monkeypatch):
+def test_interrupted_cross_validation_resumes_at_its_fold(demo_root, tiny_train_args, tmp_path, monkeypatch, capsys):
     """SIGTERM in fold 1: exit 143 with its last.pth named; --resume <cv>/fold1/last.pth alone finishes fold 1
     and trains fold 2, in the same parent MLflow run."""
     import signal
@@ -153,6 +153,10 @@ def test_interrupted_cross_validation_resumes_at_its_fold(demo_root, tiny_train_
     cv = tmp_path / "models" / "cv"
     last = cv / "fold1" / "last.pth"
     assert f"continue with --resume {last}" in out.getvalue() and not (cv / "cv.json").exists()
+    capsys.readouterr()
+    assert expand_runs([cv]) == [[cv / "fold0", cv / "fold1"]]  # what inference / calibrate would vote: said
+    assert f"warning: {cv} has no cv.json (an unfinished --fold all?): using its 2 fold(s) fold0, fold1 of 3" \
+        in capsys.readouterr().err
     monkeypatch.setattr(train, "train_one_epoch", real)
     with contextlib.redirect_stdout(io.StringIO()):
         assert train.main(["--resume", str(last)]) == 0  # as the message says: the folds after it follow
