@@ -248,14 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_out(out: Path) -> None:
-    """Refuse an --out that cannot take a file before the (slow) export; the message names it."""
+    """Refuse an --out that cannot take a file before the (slow) export; the message names the path
+    at fault. Missing folders are made when the file is written."""
     if out.is_dir():
         raise ExportError(f"--out is a folder, not a file name: {out}")
-    if not out.parent.is_dir():
-        what = "is a file" if out.parent.exists() else "does not exist"
-        raise ExportError(f"the folder of --out {what}: {out}")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ExportError(f"no permission to write in the folder of --out: {out}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ExportError(f"a file is in the way of the folder of --out: {folder} (for {out})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"no permission to write in {folder} (for --out {out})")
 
 
 def default_out(model_dirs: Sequence[str], members: Sequence[Member], state: str, fmt: str) -> Path:
@@ -333,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ExportError(f"the exported {args.format} model disagrees with PyTorch: max difference "
                                   f"{diff:.1e} > --tolerance {args.tolerance:g}; nothing written: {out}")
 
+        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, write_and_check)  # checked under a temp name: a failed check leaves no file
     after = " after the checkpoints' decision offsets (renormalised)" if offsets is not None else ""
     print(f"wrote {out} ({args.format}, {out.stat().st_size / 1e6:.1f} MB)")

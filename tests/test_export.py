@@ -165,6 +165,8 @@ def test_models_with_different_inputs_are_refused(trained_run, tmp_path, capsys)
 @pytest.mark.parametrize("fmt, name", [("torchscript", "best_f1.torchscript.pt"), ("pt2", "best_f1.pt2")])
 def test_torch_formats_load_and_match_with_default_paths(fmt, name, trained_run, few_eval, tmp_path, capsys):
     run = copy_run(trained_run, tmp_path / "run")
+    export_run(capsys, "--model_dir", run, "--format", fmt, "--out", tmp_path / "serve" / "new" / name)
+    assert (tmp_path / "serve" / "new" / name).is_file()  # missing folders of --out are made
     printed = export_run(capsys, "--model_dir", run, "--format", fmt)
     assert f"wrote {run / name}" in printed and sorted(p.name for p in run.iterdir()) == sorted(
         ["best_f1.pth", "val_samples.csv", name])  # nothing else, no temp file left
@@ -213,10 +215,11 @@ def test_unusable_out_gives_one_error_line(trained_run, tmp_path, capsys):
     a_file.write_text("x")
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    outs = [tmp_path, tmp_path / "missing" / "m.onnx", a_file / "m.onnx"]
-    outs += [locked / "m.onnx"] if os.geteuid() != 0 else []  # root writes anywhere
-    for out in outs:
-        one_error_line(capsys, ["--model_dir", trained_run, "--format", "onnx", "--out", out], out)
+    outs = [(tmp_path, "is a folder"), (a_file / "m.onnx", "a file is in the way"),
+            (a_file / "sub" / "m.onnx", "a file is in the way")]
+    outs += [(locked / "new" / "m.onnx", "no permission to write in")] if os.geteuid() != 0 else []  # root: anywhere
+    for out, why in outs:
+        one_error_line(capsys, ["--model_dir", trained_run, "--format", "onnx", "--out", out], out, why)
     one_error_line(capsys, ["--model_dir", tmp_path / "nope", "--format", "onnx"], tmp_path / "nope")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "locked"] and not any(locked.iterdir())
 
