@@ -140,7 +140,10 @@ def resolve_state_path(model_dir: str | os.PathLike, state: str = "best_f1.pth")
     file = path / state_file(state)
     if not file.is_file():
         have = ", ".join(p.name for p in sorted(path.glob("*.pth"))) or "none"
-        raise CheckpointError(f"checkpoint not found: {file} (present: {have})")
+        runs = sorted({p.parent.name for p in path.glob("*/*.pth")})
+        hint = (f"; it holds run folders ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}): pass one of them"
+                if runs and have == "none" else "")
+        raise CheckpointError(f"checkpoint not found: {file} (present: {have}){hint}")
     return file
 
 

@@ -81,6 +81,8 @@ def images_root(data_dir: str | os.PathLike) -> Path:
         raise DataError(f"data directory not found: {root}")
     if (root / "images").is_dir():
         return root / "images"
+    if (root / "train" / "images").is_dir():  # the dataset's root (train/, eval/, gt/): one level too high
+        raise DataError(f"{root} holds a whole dataset; pass its training folder: --data_dir {root / 'train'}")
     return root
 
 

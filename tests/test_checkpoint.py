@@ -12,7 +12,7 @@ import torch
 
 import cli
 import inference
-from checkpoint import CheckpointError, atomic_save, load_array, load_checkpoint, run_folder
+from checkpoint import CheckpointError, atomic_save, load_array, load_checkpoint, resolve_state_path, run_folder
 
 
 def _message(path) -> str:
@@ -89,3 +89,13 @@ def test_run_folder_says_what_the_path_is_instead(tmp_path):
         run_folder(tmp_path / "best_f1.pth")
     with pytest.raises(CheckpointError, match="run folder not found"):
         run_folder(tmp_path / "nope")
+
+
+def test_a_folder_of_runs_names_them(tmp_path):
+    """--model_dir one level too high (model/ instead of model/exp): the runs inside are named."""
+    for run in ("exp", "exp2"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "best_f1.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint not found: {tmp_path / 'best_f1.pth'} (present: "
+                                                        "none); it holds run folders (exp, exp2): pass one of them")):
+        resolve_state_path(tmp_path, "best_f1")

@@ -851,6 +851,12 @@ def test_data_dir_that_is_a_file_says_what_to_pass(demo):
         data.discover(photo, verbose=False)
 
 
+def test_data_dir_one_level_too_high_names_the_training_folder(demo):
+    """The dataset's root (train/, eval/, gt/) used to fail on eval/ as a badly named person folder."""
+    with pytest.raises(DataError, match=re.escape(f"pass its training folder: --data_dir {demo / 'train'}")):
+        data.discover(demo, verbose=False)
+
+
 def test_read_eval_info_accepts_the_info_csv_itself(demo):
     from_folder = data.read_eval_info(demo / "eval")
     from_file = data.read_eval_info(demo / "eval" / "info.csv")
