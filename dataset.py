@@ -1104,7 +1104,7 @@ def listed_images_error(problems: Sequence[str], total: int, shown: int = 5) -> 
     """One line for every bad image info.csv lists (`problems`: "why: path"), the first few named,
     so a user fixes them all in one go rather than one per run."""
     if len(problems) == 1:
-        return f"image listed in info.csv {problems[0]}"
+        return f"an image listed in info.csv cannot be used: {problems[0]}"
     more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
     return f"{len(problems)} of {total} images listed in info.csv cannot be used: {'; '.join(problems[:shown])}{more}"
 

@@ -254,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.error(e)
         return EXIT_BAD_INPUT
 
+    if len(ids) > 1 and len(set(y_true.tolist())) == 1:  # e.g. --gt eval/info.csv, whose ans is a placeholder
+        print(f"warning: every ground-truth label in {gt} is class {y_true[0]}: is it the real gt.csv (info.csv's "
+              f"ans is only a placeholder)?", file=sys.stderr)
     score = scores(y_true, y_pred)
     rows = metrics.per_class_rows(y_true, y_pred, "all", args.age_bins)
     with step_tracker(args, "evaluation", {"gt": gt, "pred": pred, "images": len(ids)},

@@ -210,3 +210,15 @@ def test_many_missing_ids_are_summarised(tmp_path):
     assert "48 ImageID(s)" in str(info.value) and "'2.jpg', '3.jpg', '4.jpg', and 45 more" in str(info.value)
     assert "'10.jpg'" not in str(info.value)
 
+
+
+def test_ground_truth_of_one_class_warns(tmp_path, capsys):
+    """--gt eval/info.csv (ans 0 everywhere, a placeholder) scores without complaint otherwise."""
+    ids = [f"{i}.jpg" for i in range(4)]
+    gt = write_csv(tmp_path / "info.csv", ids, [0, 0, 0, 0])
+    pred = write_csv(tmp_path / "output.csv", ids, [0, 4, 9, 0])
+    assert evaluation.main(["--gt", str(gt), "--pred", str(pred), "--tracking_uri", "none"]) == 0
+    assert f"warning: every ground-truth label in {gt} is class 0" in capsys.readouterr().err
+    real = write_csv(tmp_path / "gt.csv", ids, [0, 4, 9, 1])
+    assert evaluation.main(["--gt", str(real), "--pred", str(pred), "--tracking_uri", "none"]) == 0
+    assert "warning" not in capsys.readouterr().err
