@@ -84,11 +84,13 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
             os.replace(tmp, path)
         except OSError as e:
             raise _relabel(e, path) from None
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # e.g. a full disk mid-write
+            raise _relabel(e, path) from None
         raise
     _fsync_dir(path.parent)
 

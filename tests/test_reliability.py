@@ -119,6 +119,14 @@ def test_atomic_write_unusable_paths_name_the_path(tmp_path, capsys):
         assert capsys.readouterr().err == f"error: {why}: {path}\n"  # the user's path, not a temp file
     assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder"] and os.listdir(folder) == []
 
+    def disk_full(tmp):  # as a write() or torch.save raises it: an errno, no file name
+        Path(tmp).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    target = tmp_path / "best_f1.pth"
+    assert cli.call(lambda: fileio.atomic_write(target, disk_full)) == 2
+    assert capsys.readouterr().err == f"error: No space left on device: {target}\n"
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder"]  # no temp file left
+
 
 # --------------------------------------------------------------------------- folders
 def test_check_apart(tmp_path):
