@@ -236,10 +236,12 @@ def calibrate(args: argparse.Namespace, runs: list[Path], oofs: list[OutOfFold])
               "calibrate_f1_argmax": plain, "calibrate_f1_rule": fitted, **class_metrics("calibrate_offset", rule.offsets)}
     if rule.cuts is not None:
         record.update(calibrate_age_cut_low=rule.cuts[0], calibrate_age_cut_high=rule.cuts[1])
-    print(f"{n} out-of-fold predictions from {len(runs)} run(s)")
+    shared = overlapping_people(oofs)
+    # runs that validated on the same people are not folds: their predictions are not out-of-fold ones
+    kind = "validation predictions (people repeated across runs)" if len(runs) > 1 and shared else "out-of-fold predictions"
+    print(f"{n} {kind} from {len(runs)} run(s)")
     print(f"macro F1 arg-max {plain:.4f} -> with the fitted rule {fitted:.4f} "
           "(fitted and scored on the same predictions)")
-    shared = overlapping_people(oofs)
     if len(runs) > 1 and shared:
         print(f"no cross-validated estimate: the runs validated on {len(shared)} of the same people "
               f"(e.g. {cli.examples(sorted(shared))}); train folds of one --kfold split to get one")

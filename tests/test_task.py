@@ -289,6 +289,7 @@ def test_calibrate_refuses_a_cross_validated_claim_for_overlapping_runs(trained_
     assert calibrate.main(["--runs", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "no cross-validated estimate" in out and "cross-validated (" not in out
+    assert "validation predictions (people repeated across runs) from 2 run(s)" in out and "out-of-fold" not in out
 
 
 def test_recipe_config_files_are_valid_train_configs():
