@@ -75,6 +75,8 @@ def images_root(data_dir: str | os.PathLike) -> Path:
         folder = root.parent
         if PERSON_DIR.match(folder.name):  # one photo: the folder above its person's
             folder = folder.parent.parent if folder.parent.name == "images" else folder.parent
+        elif not (folder / "images").is_dir() and (folder.parent / "train" / "images").is_dir():
+            folder = folder.parent / "train"  # e.g. gt/gt.csv: the dataset's training folder, not gt/
         raise DataError(f"the data directory is a file: {root} (pass the folder that holds images/, "
                         f"e.g. {folder})")
     if not root.is_dir():

@@ -855,6 +855,8 @@ def test_data_dir_one_level_too_high_names_the_training_folder(demo):
     """The dataset's root (train/, eval/, gt/) used to fail on eval/ as a badly named person folder."""
     with pytest.raises(DataError, match=re.escape(f"pass its training folder: --data_dir {demo / 'train'}")):
         data.discover(demo, verbose=False)
+    with pytest.raises(DataError, match=re.escape(f"e.g. {demo / 'train'})")):  # not gt/, which holds no images
+        data.discover(demo / "gt" / "gt.csv", verbose=False)
 
 
 def test_read_eval_info_accepts_the_info_csv_itself(demo):
