@@ -139,12 +139,26 @@ def resolve_state_path(model_dir: str | os.PathLike, state: str = "best_f1.pth")
         raise CheckpointError(f"model directory not found: {path}")
     file = path / state_file(state)
     if not file.is_file():
-        have = ", ".join(p.name for p in sorted(path.glob("*.pth"))) or "none"
+        have = present_checkpoints(path)
         runs = sorted({p.parent.name for p in path.glob("*/*.pth")})
         hint = (f"; it holds run folders ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}): pass one of them"
                 if runs and have == "none" else "")
         raise CheckpointError(f"checkpoint not found: {file} (present: {have}){hint}")
     return file
+
+
+def present_checkpoints(folder: Path) -> str:
+    """The .pth files in `folder`, for an error that did not find the one it wanted ("none" if none)."""
+    return ", ".join(p.name for p in sorted(folder.glob("*.pth"))) or "none"
+
+
+def cross_validation_config(folder: Path) -> dict | None:
+    """The config.json of a `train.py --kfold K --fold all` folder, or None when `folder` is not one."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and config.get("fold") == "all" else None
 
 
 def expand_runs(paths: Iterable[str | os.PathLike]) -> list[list[Path]]:
@@ -157,16 +171,16 @@ def expand_runs(paths: Iterable[str | os.PathLike]) -> list[list[Path]]:
         folds = sorted(folds, key=lambda f: int(f.name[4:]))
         if folds and not (path / "cv.json").is_file():
             print(f"warning: {path} has no cv.json (an unfinished --fold all?): using its "
-                  f"{len(folds)} fold(s) {', '.join(f.name for f in folds)}{_expected_folds(path)}", file=sys.stderr)
+                  f"{len(folds)} fold(s) {', '.join(f.name for f in folds)}{_of_k_folds(path)}", file=sys.stderr)
         out.append(folds or [path])
     return out
 
 
-def _expected_folds(cv_dir: Path) -> str:
-    """", of K" from the folder's config.json (train.py --kfold K --fold all), or "" when it cannot say."""
+def _of_k_folds(cv_dir: Path) -> str:
+    """" of K" from the folder's --fold all config.json, or "" when it cannot say."""
     try:
-        return f" of {int(json.loads((cv_dir / 'config.json').read_text())['kfold'])}"
-    except (OSError, ValueError, KeyError, TypeError):
+        return f" of {int(cross_validation_config(cv_dir)['kfold'])}"
+    except (KeyError, TypeError, ValueError):
         return ""
 
 

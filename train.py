@@ -35,7 +35,8 @@ from torch import nn
 
 import cli
 import dataset as data
-from checkpoint import CheckpointSaver, build_metadata, check_resumable, load_resumable
+from checkpoint import (CheckpointSaver, build_metadata, check_resumable, cross_validation_config, load_resumable,
+                        present_checkpoints)
 from cli import UsageError, str2bool
 from fileio import atomic_write_text
 from task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
@@ -239,7 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     saved = resume.parent / "config.json" if resume else None
     if saved is not None and saved.is_file():  # `--resume <run>/last.pth` alone continues the run as it was
         parser.set_defaults(**load_config(saved, parser))
-        if cross_validation_of(resume) is not None:  # a fold of --fold all: the folds after it follow
+        if is_fold_of_cross_validation(resume):  # a fold of --fold all: the folds after it follow
             parser.set_defaults(fold="all")
     if first.config:
         parser.set_defaults(**load_config(first.config, parser))
@@ -255,23 +256,16 @@ def resume_file(value: str) -> Path:
     path = Path(value)
     if path.is_dir():
         if not (path / "last.pth").is_file():
-            have = ", ".join(p.name for p in sorted(path.glob("*.pth"))) or "none"
-            raise UsageError(f"--resume: no last.pth in {path} (present: {have})")
+            raise UsageError(f"--resume: no last.pth in {path} (present: {present_checkpoints(path)})")
         return path / "last.pth"
     if not path.is_file():
         raise UsageError(f"--resume: file not found: {path}")
     return path
 
 
-def cross_validation_of(resume: Path) -> Path | None:
-    """The --fold all folder that a fold's last.pth belongs to, or None."""
-    parent = resume.parent.parent
-    if not re.fullmatch(r"fold\d+", resume.parent.name) or not (parent / "config.json").is_file():
-        return None
-    try:
-        return parent if json.loads((parent / "config.json").read_text()).get("fold") == "all" else None
-    except (OSError, ValueError):
-        return None
+def is_fold_of_cross_validation(resume: Path) -> bool:
+    """Whether a last.pth is in fold<i>/ of a --fold all folder."""
+    return bool(re.fullmatch(r"fold\d+", resume.parent.name)) and cross_validation_config(resume.parent.parent) is not None
 
 
 def validate_args(args: argparse.Namespace) -> None:
