@@ -261,7 +261,7 @@ def default_variant(device: torch.device, variants: dict[str, tuple[bool, bool]]
 
 
 def bench_model(args, device: torch.device) -> dict:
-    from model import amp_dtype, create_model, trainable_parameters  # the precision train.py and inference.py use
+    from model import amp_dtype, create_model, slow_amp_warning, trainable_parameters  # train.py's precision
 
     b, (h, w) = args.batch_size, args.resize
     gen = torch.Generator().manual_seed(args.seed)
@@ -307,6 +307,7 @@ def bench_model(args, device: torch.device) -> dict:
         out.update({name: b / seconds for name, seconds in time_interleaved(steps, args.train_steps, device).items()})
         steps.clear()  # frees the models before the next group
     out["amp_dtype"] = str(dtype).replace("torch.", "")
+    out["amp_emulated"] = slow_amp_warning(device) is not None
     out["train_default"], out["infer_default"] = default_variant(device, TRAIN_VARIANTS), default_variant(device, INFER_VARIANTS)
     out["train_ips"], out["infer_ips"] = out[out["train_default"]], out[out["infer_default"]]
     return out
@@ -375,7 +376,7 @@ def table(result: dict) -> str:
                            for c in cols))
     lines.append(f"ratios toolkit / reference, one worker (num_workers 0 for both): "
                  f"cold x{result['cold_ratio']:.2f}, warm x{result['warm_ratio']:.2f}")
-    amp = f"AMP {result['amp_dtype']}"
+    amp = f"AMP {result['amp_dtype']}" + (" (emulated)" if result.get("amp_emulated") else "")
     lines += ["", f"model {result['model']} at {h}x{w}, batch {result['batch_size']}, images/s (median step); "
                   "<- marks what train.py / inference.py use by default here"]
     labels = {"train_fp32_ips": "train step  fp32, contiguous",

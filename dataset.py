@@ -768,6 +768,7 @@ class Augmentation:
     rotate: float = 0.0  # max rotation in degrees, applied with shift_scale
     jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     noise_std: float = 0.0  # additive Gaussian noise after normalisation (original AddGaussianNoise)
+    erase: float = 0.0  # probability of random erasing: one rectangle of random pixels (2-33% of the area)
     album: Callable[[], object] | None = None  # albumentations Compose factory for uint8 HWC
     _album_pipeline: object = field(default=None, repr=False)
 
@@ -784,6 +785,8 @@ class Augmentation:
             matrix[:, 2] += (tx, ty)
             img = cv2.warpAffine(np.ascontiguousarray(img), matrix, (w, h), flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_REFLECT_101)
+        if self.erase and rng.random() < self.erase:
+            img = random_erase(img, rng)
         if self.album is not None:
             if self._album_pipeline is None:
                 self._album_pipeline = self.album()
@@ -793,7 +796,25 @@ class Augmentation:
 
     @property
     def is_random(self) -> bool:
-        return bool(self.hflip or self.shift_scale or any(self.jitter) or self.noise_std or self.album)
+        return bool(self.hflip or self.shift_scale or any(self.jitter) or self.noise_std or self.erase or self.album)
+
+
+def random_erase(img: np.ndarray, rng: np.random.Generator, area: tuple[float, float] = (0.02, 0.33),
+                 log_ratio: tuple[float, float] = (np.log(0.3), np.log(3.3))) -> np.ndarray:
+    """Random erasing (Zhong et al. 2017, torchvision's RandomErasing defaults): one rectangle of
+    uniform random pixels, so no single face region (eyes, hair, the mask) can carry a person's
+    identity on its own. A few tries for a rectangle that fits; none fitting leaves the image as is."""
+    h, w = img.shape[:2]
+    for _ in range(10):
+        target = h * w * rng.uniform(*area)
+        ratio = np.exp(rng.uniform(*log_ratio))
+        eh, ew = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+        if 0 < eh < h and 0 < ew < w:
+            top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+            img = np.array(img, copy=True)
+            img[top:top + eh, left:left + ew] = rng.integers(0, 256, size=(eh, ew) + img.shape[2:], dtype=np.uint8)
+            return img
+    return img
 
 
 AUGMENTATIONS: dict[str, Callable[[], Augmentation]] = {}
@@ -826,6 +847,13 @@ def FlipAugmentation() -> Augmentation:
 def FastAugmentation() -> Augmentation:
     """Flip, small shift/scale, colour jitter: the cheap, strong default for real photos."""
     return Augmentation("FastAugmentation", hflip=0.5, shift_scale=(0.06, 0.1), jitter=(0.2, 0.2, 0.2, 0.05))
+
+
+@register_augmentation
+def ErasingAugmentation() -> Augmentation:
+    """FastAugmentation plus random erasing (half the images lose one random rectangle)."""
+    return Augmentation("ErasingAugmentation", hflip=0.5, shift_scale=(0.06, 0.1), jitter=(0.2, 0.2, 0.2, 0.05),
+                        erase=0.5)
 
 
 @register_augmentation

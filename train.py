@@ -364,7 +364,7 @@ class Settings:
 def resolve_settings(args: argparse.Namespace, device: torch.device, world: int) -> Settings:
     """Defaults that depend on the model, the task or the hardware; unknown names fail here."""
     from model import (PretrainedUnavailable, check_pretrained, default_amp, model_info, regularization_options,
-                       size_options)
+                       size_options, slow_amp_warning)
 
     cuda = device.type == "cuda"
     try:
@@ -382,6 +382,8 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
     if augmentation.crop and min(augmentation.crop) < 1:
         raise UsageError(f"--augmentation {args.augmentation} has an empty crop")
     age_bins = tuple(args.age_bins)
+    if args.amp and (note := slow_amp_warning(device)):
+        log(f"warning: --amp True: {note}")
     # With the cache nothing is decoded after the first epoch: a worker only adds IPC (bench.py).
     workers = args.num_workers if args.num_workers is not None else (0 if args.cache else data.default_num_workers())
     return Settings(task=task, resize=resize, age_bins=age_bins, score_age_bins=tuple(args.score_age_bins or age_bins),

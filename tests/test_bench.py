@@ -41,6 +41,11 @@ def test_bench_main_prints_table_and_final_json(capsys):
     assert result["train_ips"] == result[result["train_default"]] and result["infer_ips"] == result[result["infer_default"]]
     table = "\n".join(lines[:-1])
     assert table.count("<- default") == 2
+    # bf16 autocast on a CPU without native bf16 is emulated (~10x slower): the table says so
+    from model import slow_amp_warning
+
+    assert final["amp_emulated"] is (slow_amp_warning(torch.device("cpu")) is not None)
+    assert ("AMP bfloat16 (emulated), channels_last" in table) is final["amp_emulated"]
     # the training-loop comparison: warm cache and decoding, for each worker count
     assert {k for k in final if k.startswith("loop_")} == {"loop_cache_w0_ips", "loop_cache_w1_ips",
                                                            "loop_decode_w0_ips", "loop_decode_w1_ips"}

@@ -503,7 +503,7 @@ def test_every_augmentation_builds_and_yields_size(samples, name):
         assert torch.equal(val_set[i][0], torch.from_numpy(store.decode(i)).permute(2, 0, 1))
 
 
-@pytest.mark.parametrize("name", ["FastAugmentation", "StrongAugmentation", "GoodAugmentation"])
+@pytest.mark.parametrize("name", ["FastAugmentation", "ErasingAugmentation", "StrongAugmentation", "GoodAugmentation"])
 def test_train_augmentation_reproducible_per_epoch(samples, name):
     sub = samples[:14]
     aug = data.create_augmentation(name)
@@ -536,6 +536,30 @@ def test_rotation_turns_the_image_about_its_centre():
         assert abs(np.hypot(y - 20, x - 20) - 15) <= 1.5  # same distance from the centre
         angles.append(np.degrees(np.arctan2(20 - y, x - 20)))  # counter-clockwise, as cv2 turns
     assert max(np.abs(angles)) <= 90 + 5 and np.ptp(angles) > 45  # within +-rotate, and really varied
+
+
+def test_random_erase_replaces_one_rectangle_only():
+    """One axis-aligned rectangle of 2-33% of the image changes; the rest and the input stay as they were."""
+    img = np.full((40, 60, 3), 7, np.uint8)
+    fractions = []
+    for seed in range(50):
+        out = data.random_erase(img, np.random.default_rng(seed))
+        assert out.shape == img.shape and out.dtype == np.uint8
+        changed = (out != 7).any(axis=2)
+        rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+        box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        assert changed.sum() >= 0.95 * box  # one filled rectangle (a random pixel may equal 7)
+        fractions.append(box / changed.size)
+    assert (img == 7).all()  # the caller's image is not written to
+    assert 0.015 <= min(fractions) and max(fractions) <= 0.34 and np.ptp(fractions) > 0.1
+
+
+def test_erasing_augmentation_erases_about_half_the_images():
+    aug = data.create_augmentation("ErasingAugmentation")
+    img = np.full((32, 32, 3), 7, np.uint8)
+    rng = np.random.default_rng(0)
+    erased = [(aug.cpu_transform(img, rng) != 7).any(axis=2).mean() > 0.015 for _ in range(400)]
+    assert 0.4 < np.mean(erased) < 0.6
 
 
 def test_validation_ignores_random_augmentation(samples):

@@ -340,7 +340,12 @@ def tiny_root(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("tiny") / "data", people=12, size=(48, 64), eval_people=6)
 
 
-def test_amp_channels_last_build_and_run_on_cpu(tiny_train_args, tiny_root, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_amp_channels_last_build_and_run_on_cpu(tiny_train_args, tiny_root, tmp_path, monkeypatch, capsys,
+                                                native_bf16):
+    """bf16 autocast trains on a CPU; one without native bf16 (emulated, ~10x slower) says so."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native_bf16)
     used = []
     real_autocast = torch.autocast
 
@@ -353,6 +358,7 @@ def test_amp_channels_last_build_and_run_on_cpu(tiny_train_args, tiny_root, tmp_
                         "--channels_last", "True", "--compile", "False")
     out = capsys.readouterr().out
     assert rc == 0 and "amp True, channels_last True" in out
+    assert ("warning: --amp True: this CPU has no native bf16" in out) is not native_bf16
     assert ("cpu", torch.bfloat16, True) in used
     ckpt = load_checkpoint(run / "last.pth")
     conv = next(v for v in ckpt["state_dict"].values() if v.dim() == 4)  # the first convolution
