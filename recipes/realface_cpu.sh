@@ -8,7 +8,7 @@
 # MODELS=fastaug (default) trains one model with flip + shift/scale + colour jitter, dropout and stochastic
 # depth; several names predict with their soft vote, e.g. MODELS="flip fastaug"; a name given twice trains
 # that model again with the next seed (MODELS="fastaug96 fastaug96": two 96x96 models, seeds SEED and SEED+1)
-# (README: each one's 5-fold estimate and wall time).
+# (README: each one's 5-fold estimate and wall time; `erase` adds random erasing, measured no better).
 # TRACKING_URI=... logs the runs to MLflow (default: none, so the recipe writes nothing else).
 set -euo pipefail
 TRAIN_DIR=${1:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
@@ -21,11 +21,12 @@ flags_of() {  # the one place a model name is defined: its train.py flags on top
     flip) echo --augmentation FlipAugmentation ;;
     fastaug) echo --augmentation FastAugmentation --dropout 0.2 --drop_path 0.2 ;;
     fastaug96) echo --augmentation FastAugmentation --dropout 0.2 --drop_path 0.2 --resize 96 96 ;;
-    *) echo "error: MODELS: unknown model '$1' (known: flip fastaug fastaug96)" >&2; return 2 ;;
+    erase) echo --augmentation ErasingAugmentation --dropout 0.2 --drop_path 0.2 ;;
+    *) echo "error: MODELS: unknown model '$1' (known: flip fastaug fastaug96 erase)" >&2; return 2 ;;
   esac
 }
 for name in $MODELS; do flags_of "$name" > /dev/null || exit 2; done  # every name, before anything trains
-[ -n "${MODELS// /}" ] || { echo "error: MODELS is empty (known: flip fastaug fastaug96)" >&2; exit 2; }
+[ -n "${MODELS// /}" ] || { echo "error: MODELS is empty (known: flip fastaug fastaug96 erase)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 start=$(date +%s)

@@ -300,7 +300,7 @@ def test_recipe_config_files_are_valid_train_configs():
         assert args.model == yaml.safe_load(config.read_text())["model"]
 
 
-@pytest.mark.parametrize("models, message", [("flip bogus", "unknown model 'bogus' (known: flip fastaug fastaug96)"),
+@pytest.mark.parametrize("models, message", [("flip bogus", "unknown model 'bogus' (known: flip fastaug fastaug96 erase)"),
                                              (" ", "MODELS is empty")])
 def test_realface_recipe_rejects_unknown_models_before_training(tmp_path, models, message):
     """A typo in MODELS stops the recipe at once, not after the first model's training."""
