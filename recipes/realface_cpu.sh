@@ -16,17 +16,18 @@ EVAL_DIR=${2:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 OUT=${3:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 SEED=${SEED:-0}
 MODELS=${MODELS:-fastaug}
+KNOWN_MODELS="flip fastaug fastaug96 erase"  # the names flags_of defines, for the error messages
 flags_of() {  # the one place a model name is defined: its train.py flags on top of the yaml
   case $1 in
     flip) echo --augmentation FlipAugmentation ;;
     fastaug) echo --augmentation FastAugmentation --dropout 0.2 --drop_path 0.2 ;;
     fastaug96) echo --augmentation FastAugmentation --dropout 0.2 --drop_path 0.2 --resize 96 96 ;;
     erase) echo --augmentation ErasingAugmentation --dropout 0.2 --drop_path 0.2 ;;
-    *) echo "error: MODELS: unknown model '$1' (known: flip fastaug fastaug96 erase)" >&2; return 2 ;;
+    *) echo "error: MODELS: unknown model '$1' (known: $KNOWN_MODELS)" >&2; return 2 ;;
   esac
 }
 for name in $MODELS; do flags_of "$name" > /dev/null || exit 2; done  # every name, before anything trains
-[ -n "${MODELS// /}" ] || { echo "error: MODELS is empty (known: flip fastaug fastaug96 erase)" >&2; exit 2; }
+[ -n "${MODELS// /}" ] || { echo "error: MODELS is empty (known: $KNOWN_MODELS)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 start=$(date +%s)

@@ -301,7 +301,9 @@ def test_recipe_config_files_are_valid_train_configs():
 
 
 @pytest.mark.parametrize("models, message", [("flip bogus", "unknown model 'bogus' (known: flip fastaug fastaug96 erase)"),
-                                             (" ", "MODELS is empty")])
+                                             # every name the message lists is one flags_of accepts
+                                             ("flip fastaug fastaug96 erase bogus", "unknown model 'bogus'"),
+                                             (" ", "MODELS is empty (known: flip fastaug fastaug96 erase)")])
 def test_realface_recipe_rejects_unknown_models_before_training(tmp_path, models, message):
     """A typo in MODELS stops the recipe at once, not after the first model's training."""
     out = tmp_path / "out"
