@@ -30,6 +30,9 @@ from task import NUM_CLASSES, decide, task_of
 from tracking import add_tracking_flags, class_metrics, step_tracker
 
 
+VOTES = ("mean", "geometric")  # how a soft vote combines its members' probabilities (combine_probs)
+
+
 class InferenceError(cli.ToolkitError, ValueError):
     """Bad input to inference; one line naming the file."""
 
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default="best_f1", help="best|best_f1|last (.pth optional; default best_f1: the competition scores macro F1)")
     p.add_argument("--weights", nargs="+", type=float, default=None,
                    help="soft-vote weight per --model_dir, >= 0 and not all 0 (default equal)")
+    p.add_argument("--vote", choices=VOTES, default="mean",
+                   help="how several models' probabilities combine: mean (default) or geometric (the weighted "
+                        "mean of log-probabilities, renormalised)")
     p.add_argument("--batch_size", type=cli.positive_int, default=256)
     p.add_argument("--num_workers", type=cli.non_negative_int, default=data.default_num_workers())
     p.add_argument("--tta", choices=["none", "hflip"], default="none", help="hflip: average with the mirrored image")
@@ -190,19 +196,36 @@ def check_submission_task(members: list[Member]) -> None:
                              f"in {slot}")
 
 
-def vote(members: list[Member], paths: list[str], offsets: str = "auto", verbose: bool = True, **run
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[dict]]:
-    """Weighted mean of the members' probabilities and the decided classes, with the checkpoints'
-    decision offsets unless `offsets` is "none". Returns (probabilities, classes, the offsets used or
-    None, checkpoints); `task.apply_offsets(probs, offsets)` gives probabilities whose arg-max is the class."""
+def combine_probs(probs: list[np.ndarray], weights: np.ndarray, how: str = "mean") -> np.ndarray:
+    """One soft vote of the members' [N, C] probabilities. "mean": their weighted mean. "geometric": the
+    weighted mean of their log-probabilities, renormalised (a product of experts): a class one member rules
+    out loses even where another favours it. Multi-head models' classes are products of head probabilities,
+    so the geometric vote decides mask, gender and age each on its own: a face model's vague mask head does
+    not blur a CNN's sure one (README "Recipes")."""
+    if how not in VOTES:
+        raise InferenceError(f"unknown vote {how!r}; known: {', '.join(VOTES)}")
+    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    if how == "mean":
+        return sum(wi * p for wi, p in zip(w, probs))
+    logs = sum(wi * np.log(np.clip(p, 1e-12, None)) for wi, p in zip(w, probs))
+    logs -= logs.max(axis=1, keepdims=True)
+    combined = np.exp(logs)
+    return (combined / combined.sum(axis=1, keepdims=True)).astype(probs[0].dtype)
+
+
+def vote(members: list[Member], paths: list[str], offsets: str = "auto", verbose: bool = True,
+         how: str = "mean", **run) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[dict]]:
+    """The members' soft vote (`combine_probs`: weighted mean, or `how="geometric"`) and the decided
+    classes, with the checkpoints' decision offsets unless `offsets` is "none". Returns (probabilities,
+    classes, the offsets used or None, checkpoints); `task.apply_offsets(probs, offsets)` gives
+    probabilities whose arg-max is the class."""
     w = np.array([m.weight for m in members], dtype=np.float64)
-    total = None
+    each = []
     for m in members:
         if verbose:
             print(f"model {m.path}: {m.ckpt['model']['name']} task {m.ckpt['task']} input {m.ckpt['preprocess']['resize']}")
-        probs = predict_probs(m.ckpt, paths, model=m.model, **run) * m.weight
-        total = probs if total is None else total + probs
-    probs = total / w.sum()
+        each.append(predict_probs(m.ckpt, paths, model=m.model, **run))
+    probs = combine_probs(each, w, how)
     ckpts = [m.ckpt for m in members]
     rule = ensemble_offsets(ckpts, w) if offsets == "auto" else None
     if rule is not None and verbose:
@@ -211,10 +234,10 @@ def vote(members: list[Member], paths: list[str], offsets: str = "auto", verbose
 
 
 def soft_vote(model_dirs: list[str], state: str, paths: list[str], weights: list[float] | None = None,
-              offsets: str = "auto", verbose: bool = True, **run
+              offsets: str = "auto", verbose: bool = True, how: str = "mean", **run
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[dict]]:
     """`vote` of the models in `model_dirs` (run folders, .pth files, CV folders) at `state`."""
-    return vote(load_members(model_dirs, state, weights), paths, offsets, verbose, **run)
+    return vote(load_members(model_dirs, state, weights), paths, offsets, verbose, how, **run)
 
 
 def mask_genderage_pair(mask_dir: str, genderage_dir: str, state: str, paths: list[str], verbose: bool = True,
@@ -266,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return training_run(models, client)
 
     tracker = step_tracker(args, "inference", {"data_dir": args.data_dir, "model_dir": models, "state": args.state,
-                                               "weights": args.weights, "tta": args.tta, "offsets": args.offsets,
+                                               "weights": args.weights, "vote": args.vote, "tta": args.tta, "offsets": args.offsets,
                                                "isEnsemble": args.isEnsemble, "images": len(paths)}, training_run)
     print(f"{len(paths)} images from {args.data_dir}, device {device}, tta {args.tta}")
     with tracker:
@@ -278,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = probs.argmax(1)
             write_outputs(info, probs, pred, out_dir, ENSEMBLE_STEMS[2])
         else:
-            probs, pred, _, _ = vote(members, paths, args.offsets, **run)
+            probs, pred, _, _ = vote(members, paths, args.offsets, how=args.vote, **run)
             stale = [f"{stem}.csv" for stem in ENSEMBLE_STEMS if (out_dir / f"{stem}.csv").exists()]
             if stale:  # left by an earlier --isEnsemble run into this folder: not this run's answers
                 print(f"note: {out_dir} also holds {', '.join(stale)} from an earlier --isEnsemble run; "

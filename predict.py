@@ -37,6 +37,8 @@ class PredictError(cli.ToolkitError, ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from inference import VOTES  # the vote's owner; imported here as predict imports inference late
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", help="image files and folders")
     p.add_argument("--model_dir", nargs="+", default=[],
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genderage_model_dir", default=None, help="... and a 6-class gender-age model, combined")
     p.add_argument("--state", default="best_f1", help="best|best_f1|last (.pth optional; default best_f1)")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="soft-vote weight per --model_dir")
+    p.add_argument("--vote", choices=VOTES, default="mean",
+                   help="how several models combine, as inference.py --vote")
     p.add_argument("--topk", type=cli.positive_int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (messages go to stderr)")
     p.add_argument("--offsets", choices=["auto", "none"], default="auto",
@@ -164,7 +168,7 @@ def predict(args: argparse.Namespace, models: list[str], paths: list[str], run: 
     if not task.predicts_18:  # before predicting: the readings below decode 18 classes
         raise PredictError(f"predict.py needs 18-class models (task all or multi), got a {task.name!r} model; "
                            f"combine a mask and a gender-age model with --mask_model_dir and --genderage_model_dir")
-    probs, pred, rule, ckpts = vote(members, paths, args.offsets, **run)
+    probs, pred, rule, ckpts = vote(members, paths, args.offsets, how=args.vote, **run)
     return apply_offsets(probs, rule), pred, readable_names(ckpts[0]["classes"]), rule is not None
 
 

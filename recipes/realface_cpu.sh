@@ -5,24 +5,30 @@
 # Writes OUT_DIR/output.csv (and output_probs.csv). Training flags: recipes/realface_cpu.yaml.
 # Measured on 2 CPU cores: see README "Recipes" (wall time, and its 5-fold estimate on new people).
 # SEED=N (default 0) changes the initialisation of the new heads and the data order;
-# MODELS=fastaug (default) trains one model with flip + shift/scale + colour jitter, dropout and stochastic
-# depth; several names predict with their soft vote, e.g. MODELS="flip fastaug"; a name given twice trains
-# that model again with the next seed (MODELS="fastaug96 fastaug96": two 96x96 models, seeds SEED and SEED+1)
-# (README: each one's 5-fold estimate and wall time; `erase` adds random erasing, measured no better).
+# MODELS="fastaug face" (default) trains two models and predicts with their geometric soft vote: `fastaug`,
+# EfficientNet-Lite0 with flip + shift/scale + colour jitter, dropout and stochastic depth, and `face`, linear
+# heads on dlib's frozen face-recognition network (DlibFaceResNet: it reads gender and age better than
+# ImageNet features). MODELS=fastaug trains the CNN alone; a name given twice trains that model again with
+# the next seed (MODELS="fastaug96 fastaug96": two 96x96 models, seeds SEED and SEED+1). VOTE=mean averages
+# probabilities instead (the earlier votes' rule). README: each one's 5-fold estimate and wall time;
+# `erase` adds random erasing, measured no better.
 # TRACKING_URI=... logs the runs to MLflow (default: none, so the recipe writes nothing else).
 set -euo pipefail
 TRAIN_DIR=${1:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 EVAL_DIR=${2:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 OUT=${3:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 SEED=${SEED:-0}
-MODELS=${MODELS:-fastaug}
-KNOWN_MODELS="flip fastaug fastaug96 erase"  # the names flags_of defines, for the error messages
+MODELS=${MODELS:-fastaug face}
+VOTE=${VOTE:-geometric}
+KNOWN_MODELS="flip fastaug fastaug96 erase face"  # the names flags_of defines, for the error messages
 flags_of() {  # the one place a model name is defined: its train.py flags on top of the yaml
   case $1 in
     flip) echo --augmentation FlipAugmentation ;;
     fastaug) echo --augmentation FastAugmentation --dropout 0.2 --drop_path 0.2 ;;
     fastaug96) echo --augmentation FastAugmentation --dropout 0.2 --drop_path 0.2 --resize 96 96 ;;
     erase) echo --augmentation ErasingAugmentation --dropout 0.2 --drop_path 0.2 ;;
+    face) echo --model DlibFaceResNet --resize 150 150 --freeze_blocks 5 --augmentation FlipAugmentation \
+               --lr 0.01 --epochs 3 ;;  # frozen up to its 128-d descriptor: 3 forward-only epochs
     *) echo "error: MODELS: unknown model '$1' (known: $KNOWN_MODELS)" >&2; return 2 ;;
   esac
 }
@@ -32,10 +38,12 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 start=$(date +%s)
 
-# 1. EfficientNet-Lite0 models (offline ImageNet weights), three heads (mask, gender, age group), 128x128,
-#    label smoothing, AdamW + one-cycle, 6 epochs on every person. They differ in regularisation: `flip`
+# 1. Models with three heads (mask, gender, age group), label smoothing, AdamW + one-cycle, on every person.
+#    EfficientNet-Lite0 (offline ImageNet weights), 128x128, 6 epochs, differing in regularisation: `flip`
 #    (flips only) and `fastaug` (flip + shift/scale + colour jitter, dropout 0.2 before the heads,
-#    stochastic depth 0.2); a later one reads the image cache the first one filled.
+#    stochastic depth 0.2); a later one at the same size reads the image cache the first one filled.
+#    `face`: dlib's face-recognition ResNet (weights from the PyPI package face_recognition_models), 150x150,
+#    frozen; only its heads learn, for 3 epochs.
 runs=()
 declare -A repeats=()
 for name in $MODELS; do
@@ -50,8 +58,8 @@ for name in $MODELS; do
   runs+=("$OUT/model/$run")
 done
 
-# 2. Predict with the last epoch's weights (several models: their soft vote), each photo averaged with
-#    its mirror image.
-python inference.py --data_dir "$EVAL_DIR" --model_dir "${runs[@]}" --state last --tta hflip \
+# 2. Predict with the last epoch's weights (several models: their soft vote, geometric unless VOTE=mean),
+#    each photo averaged with its mirror image.
+python inference.py --data_dir "$EVAL_DIR" --model_dir "${runs[@]}" --state last --tta hflip --vote "$VOTE" \
     --output_dir "$OUT"
 echo "recipe finished in $(( $(date +%s) - start )) s: $OUT/output.csv"

@@ -188,6 +188,49 @@ def test_soft_vote_is_the_mean_of_single_model_probabilities(trained_run, multi_
     np.testing.assert_allclose(read_probs(weighted / "output_probs.csv")[1], (3 * p_a + p_b) / 4, atol=1e-7)
 
 
+def test_geometric_vote_is_the_renormalised_weighted_mean_of_log_probabilities(trained_run, multi_run, single,
+                                                                                 demo_root, tmp_path):
+    eval_dir = demo_root / "eval"
+    p_a = read_probs(single / "output_probs.csv")[1]
+    p_b = read_probs(infer(tmp_path / "b", "--data_dir", eval_dir, "--model_dir", multi_run[0])
+                     / "output_probs.csv")[1]
+    vote = infer(tmp_path / "g", "--data_dir", eval_dir, "--model_dir", trained_run, multi_run[0],
+                 "--weights", "3", "1", "--vote", "geometric")
+    expected = np.exp((3 * np.log(p_a) + np.log(p_b)) / 4)
+    expected /= expected.sum(1, keepdims=True)
+    p_vote = read_probs(vote / "output_probs.csv")[1]
+    np.testing.assert_allclose(p_vote, expected, atol=1e-5)
+    np.testing.assert_allclose(p_vote.sum(1), 1, atol=1e-5)
+    assert (read_ans(vote / "output.csv")[1] == p_vote.argmax(1)).all()
+
+
+def test_geometric_vote_picks_what_no_member_rules_out():
+    """The mean follows the member surest of its favourite, even where the other member rules that class
+    out; the product of experts picks the class both find plausible."""
+    a = np.array([[0.9, 0.1, 0.0]])
+    b = np.array([[0.001, 0.6, 0.399]])
+    np.testing.assert_allclose(inference.combine_probs([a, b], np.ones(2), "mean"), [[0.4505, 0.35, 0.1995]])
+    geometric = inference.combine_probs([a, b], np.ones(2), "geometric")
+    assert geometric.argmax() == 1 and geometric[0, 2] < 1e-4
+    np.testing.assert_allclose(geometric[0, :2], np.sqrt([0.0009, 0.06]) / np.sqrt([0.0009, 0.06]).sum(), rtol=1e-4)
+    np.testing.assert_allclose(inference.combine_probs([a, np.zeros((1, 3))], np.array([1.0, 0.0]), "geometric"),
+                               a, atol=1e-9)  # a weight of 0 leaves the member out, even with zero probabilities
+    with pytest.raises(inference.InferenceError, match="unknown vote 'median'; known: mean, geometric"):
+        inference.combine_probs([a, b], np.ones(2), "median")
+
+
+def test_geometric_vote_decides_each_head_of_multi_head_models_on_its_own():
+    """Multi-head models give product probabilities (mask x gender x age): the geometric vote's class is
+    each head's arg-max of the members' summed log-probabilities, so a member with a vague mask head and a
+    sure age head neither blurs the other's mask nor loses its age."""
+    rng = np.random.default_rng(0)
+    heads = [[rng.dirichlet(np.ones(k) * c, size=50) for k in (3, 2, 3)] for c in (0.3, 3.0)]
+    joints = [(m[:, :, None, None] * g[:, None, :, None] * a[:, None, None, :]).reshape(50, 18) for m, g, a in heads]
+    pred = inference.combine_probs(joints, np.ones(2), "geometric").argmax(1)
+    per_head = [sum(np.log(h[i]) for h in heads).argmax(1) for i in range(3)]
+    assert (pred == per_head[0] * 6 + per_head[1] * 3 + per_head[2]).all()
+
+
 def test_multi_head_probabilities_are_the_product_of_heads(multi_run, demo_root, tmp_path):
     ckpt = load_checkpoint(multi_run[0] / "best_f1.pth")
     paths = data.read_eval_info(demo_root / "eval")[1][:16]

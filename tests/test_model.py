@@ -412,3 +412,128 @@ def test_resolve_device_refuses_a_device_the_machine_lacks(monkeypatch):
         zoo.resolve_device("mps")
     with pytest.raises(ValueError, match=r"^unknown --device 'gpu0'"):
         zoo.resolve_device("gpu0")
+
+
+# --------------------------------------------------------------------------- DlibFaceResNet and dlib's file format
+
+
+def dlib_int(value: int) -> bytes:
+    """dlib's serialised integer: a byte with the sign bit and the byte count, then little-endian bytes."""
+    body = abs(value).to_bytes(max(1, (abs(value).bit_length() + 7) // 8), "little")
+    return bytes([len(body) | (0x80 if value < 0 else 0)]) + body
+
+
+def dlib_name(name: str) -> bytes:
+    return dlib_int(len(name)) + name.encode()
+
+
+def dlib_tensor(values: torch.Tensor, dims: tuple[int, int, int, int]) -> bytes:
+    return dlib_int(2) + b"".join(dlib_int(d) for d in dims) + values.detach().float().contiguous().numpy().tobytes()
+
+
+def write_dlib_face_file(path, convs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]],
+                         embed: torch.Tensor) -> None:
+    """A network file in dlib's layout, input layer first: per convolution its con_ layer (filters and
+    biases, then filters, rows, columns, strides, paddings), an affine layer (gamma, beta) and a relu; then
+    the embedding's fc layer (outputs, inputs, the inputs x outputs matrix)."""
+    out = bytearray(dlib_name("loss_metric_2") + dlib_name("input_rgb_image_sized"))
+    for weight, bias, gamma, beta, stride, padding in convs:
+        n, _, kh, kw = weight.shape
+        params = torch.cat([weight.flatten(), bias])
+        out += dlib_name("con_4") + dlib_tensor(params, (params.numel(), 1, 1, 1))
+        out += b"".join(dlib_int(v) for v in (n, kh, kw, stride, stride, padding, padding))
+        out += dlib_name("affine_") + dlib_tensor(torch.cat([gamma, beta]), (2 * n, 1, 1, 1)) + dlib_int(1)
+        out += dlib_name("relu_")
+    out += dlib_name("fc_2") + dlib_int(embed.shape[1]) + dlib_int(embed.shape[0])
+    out += dlib_tensor(embed, (embed.shape[0], embed.shape[1], 1, 1))
+    path.write_bytes(bytes(out))
+
+
+def face_convs(net) -> list[nn.Conv2d]:
+    return [net.stem[0]] + [c for stage in net.stages for block in stage if isinstance(block, zoo._DlibBlock)
+                            for c in (block.conv1, block.conv2)]
+
+
+def test_dlib_face_resnet_is_dlibs_architecture():
+    """29 convolutions (dlib's 7x7 stem and 14 residual blocks), a 128-d embedding, three heads; 150x150 in."""
+    torch.manual_seed(0)
+    m = create_model("DlibFaceResNet", 18, multihead=True).eval()
+    convs = face_convs(m.net)
+    assert len(convs) == 29 and m.net.embed.weight.shape == (128, 256)
+    assert [c.stride[0] for c in convs].count(2) == 5  # the stem and four downsampling blocks
+    with torch.no_grad():
+        assert m(torch.randn(2, 3, 150, 150)).shape == (2, sum(HEAD_SIZES))
+        assert m.net.embedding(torch.randn(2, 3, 150, 150)).shape == (2, 128)
+    assert MODELS["DlibFaceResNet"].input_size == (150, 150)
+    assert MODELS["DlibFaceResNet"].std == (256 / 255,) * 3  # dlib's input layer: (pixel - mean) / 256
+
+
+def test_dlib_add_zero_pads_the_smaller_tensor_at_the_end():
+    a, b = torch.ones(1, 2, 3, 3), torch.full((1, 4, 4, 4), 2.0)
+    out = zoo._pad_add(a, b)
+    assert out.shape == (1, 4, 4, 4)
+    assert (out[:, :2, :3, :3] == 3).all() and (out[:, 2:] == 2).all() and (out[:, :, 3, :] == 2).all()
+
+
+def test_dlib_face_weights_load_from_dlibs_file_format(tmp_path):
+    """A file written in dlib's format loads with each affine layer folded into its convolution and the
+    embedding transposed (dlib computes x @ W); the heads keep their own weights."""
+    torch.manual_seed(0)
+    net = create_model("DlibFaceResNet", 18, multihead=True).net
+    head_before = {k: v.clone() for k, v in net.fc.state_dict().items()}
+    layers = []
+    for conv in face_convs(net):
+        n = conv.out_channels
+        layers.append((torch.randn_like(conv.weight), torch.randn(n), torch.rand(n) + 0.5, torch.randn(n),
+                       conv.stride[0], conv.padding[0]))
+    embed = torch.randn(256, 128)
+    write_dlib_face_file(tmp_path / "face.dat", layers, embed)
+    zoo.load_dlib_face_weights(net, str(tmp_path / "face.dat"))
+    for conv, (weight, bias, gamma, beta, _, _) in zip(face_convs(net), layers):
+        torch.testing.assert_close(conv.weight, weight * gamma[:, None, None, None])
+        torch.testing.assert_close(conv.bias, bias * gamma + beta)
+    torch.testing.assert_close(net.embed.weight, embed.t())
+    for k, v in net.fc.state_dict().items():
+        assert torch.equal(v, head_before[k])
+
+
+def test_dlib_face_weights_refuse_another_network(tmp_path):
+    torch.manual_seed(0)
+    net = create_model("DlibFaceResNet", 18).net
+    layers = [(torch.randn_like(c.weight), torch.randn(c.out_channels), torch.ones(c.out_channels),
+               torch.zeros(c.out_channels), c.stride[0], c.padding[0]) for c in face_convs(net)]
+    weight, bias, gamma, beta, _, _ = layers[3]
+    layers[3] = (weight, bias, gamma, beta, 2, 0)  # a stride the network does not have
+    write_dlib_face_file(tmp_path / "other.dat", layers, torch.randn(256, 128))
+    with pytest.raises(RuntimeError, match=r"other.dat: not dlib's face-recognition network as expected "
+                                           r"\(convolution \[32, 3, 3\] stride \[2, 2\] padding \[0, 0\], "
+                                           r"expected \[32, 3, 3\] stride \[1, 1\] padding \[1, 1\]"):
+        zoo.load_dlib_face_weights(net, str(tmp_path / "other.dat"))
+    (tmp_path / "short.dat").write_bytes((tmp_path / "other.dat").read_bytes()[:5000])
+    with pytest.raises(RuntimeError, match="short.dat: not dlib's face-recognition network as expected"):
+        zoo.load_dlib_face_weights(net, str(tmp_path / "short.dat"))
+
+
+def test_dlib_face_without_its_package_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "face_recognition_models" else real(name, *a))
+    with pytest.raises(zoo.PretrainedUnavailable, match="pip install face_recognition_models, or use --pretrained False"):
+        zoo.check_pretrained("DlibFaceResNet")
+
+
+def test_dlib_face_freeze_blocks_5_leaves_only_the_heads_to_train():
+    """A linear probe of the face descriptor: everything up to the embedding is frozen; the parameter-free
+    BatchNorm before the heads still learns the embedding's statistics in training."""
+    options = zoo.regularization_options("DlibFaceResNet", freeze_blocks=5)
+    torch.manual_seed(0)
+    m = create_model("DlibFaceResNet", 18, multihead=True, **options)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in m.named_parameters() if n.startswith("net.fc.")} and trainable
+    m.train()
+    m(torch.randn(4, 3, 150, 150))
+    assert m.net.norm.num_batches_tracked.item() == 1
+    with pytest.raises(ValueError, match=r"--freeze_blocks must be in \[0, 5\] for this network, got 6"):
+        zoo.regularization_options("DlibFaceResNet", freeze_blocks=6)

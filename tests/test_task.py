@@ -300,10 +300,10 @@ def test_recipe_config_files_are_valid_train_configs():
         assert args.model == yaml.safe_load(config.read_text())["model"]
 
 
-@pytest.mark.parametrize("models, message", [("flip bogus", "unknown model 'bogus' (known: flip fastaug fastaug96 erase)"),
+@pytest.mark.parametrize("models, message", [("flip bogus", "unknown model 'bogus' (known: flip fastaug fastaug96 erase face)"),
                                              # every name the message lists is one flags_of accepts
-                                             ("flip fastaug fastaug96 erase bogus", "unknown model 'bogus'"),
-                                             (" ", "MODELS is empty (known: flip fastaug fastaug96 erase)")])
+                                             ("flip fastaug fastaug96 erase face bogus", "unknown model 'bogus'"),
+                                             (" ", "MODELS is empty (known: flip fastaug fastaug96 erase face)")])
 def test_realface_recipe_rejects_unknown_models_before_training(tmp_path, models, message):
     """A typo in MODELS stops the recipe at once, not after the first model's training."""
     out = tmp_path / "out"
@@ -313,25 +313,45 @@ def test_realface_recipe_rejects_unknown_models_before_training(tmp_path, models
     assert not out.exists()
 
 
-def test_realface_recipe_trains_a_repeated_model_with_the_next_seed(tmp_path):
-    """MODELS="fastaug96 fastaug96 flip": each run its own folder and seed, all of them soft-voted."""
+def run_recipe_recording_calls(tmp_path, **env) -> tuple[list[list[str]], list[list[str]], Path]:
+    """Run realface_cpu.sh with a fake `python` that records each command instead of training: the
+    train.py and inference.py argument lists, and the output folder."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
-    bin_dir.mkdir()
-    fake = bin_dir / "python"  # records what the recipe would run instead of training
+    bin_dir.mkdir(parents=True)
+    fake = bin_dir / "python"
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
     result = subprocess.run(["bash", str(ROOT / "recipes" / "realface_cpu.sh"), "train", "eval", str(out)],
-                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-                                 "MODELS": "fastaug96 fastaug96 flip", "SEED": "3"},
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    trains = [line.split() for line in calls.read_text().splitlines() if line.startswith("train.py")]
+    lines = [line.split() for line in calls.read_text().splitlines()]
+    return [a for a in lines if a[0] == "train.py"], [a for a in lines if a[0] == "inference.py"], out
+
+
+def test_realface_recipe_default_votes_the_cnn_and_the_face_model_geometrically(tmp_path):
+    trains, predict, out = run_recipe_recording_calls(tmp_path)
+    value = lambda argv, flag: argv[argv.index(flag) + 1]
+    assert [value(a, "--name") for a in trains] == ["fastaug", "face"]
+    assert "--model" not in trains[0] and value(trains[0], "--augmentation") == "FastAugmentation"
+    face = trains[1]
+    assert (value(face, "--model"), value(face, "--freeze_blocks"), face[face.index("--resize") + 1:][:2]) == (
+        "DlibFaceResNet", "5", ["150", "150"])
+    args = inference.build_parser().parse_args(predict[0][1:])  # what inference.py would make of it
+    assert args.vote == "geometric" and args.tta == "hflip" and args.state == "last"
+    assert args.model_dir == [str(out / "model" / n) for n in ("fastaug", "face")]
+    _, predict, _ = run_recipe_recording_calls(tmp_path / "mean", VOTE="mean")
+    assert inference.build_parser().parse_args(predict[0][1:]).vote == "mean"
+
+
+def test_realface_recipe_trains_a_repeated_model_with_the_next_seed(tmp_path):
+    """MODELS="fastaug96 fastaug96 flip": each run its own folder and seed, all of them soft-voted."""
+    trains, predict, out = run_recipe_recording_calls(tmp_path, MODELS="fastaug96 fastaug96 flip", SEED="3")
     value = lambda argv, flag: argv[argv.index(flag) + 1]
     assert [(value(a, "--name"), value(a, "--seed")) for a in trains] == [
         ("fastaug96", "3"), ("fastaug96-seed4", "4"), ("flip", "3")]
     assert value(trains[0], "--resize") == "96" and "--resize" not in trains[2]
-    predict = [line.split() for line in calls.read_text().splitlines() if line.startswith("inference.py")]
     assert len(predict) == 1
     runs = predict[0][predict[0].index("--model_dir") + 1:predict[0].index("--state")]
     assert runs == [str(out / "model" / n) for n in ("fastaug96", "fastaug96-seed4", "flip")]
