@@ -927,7 +927,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 atomic_write_text(run_dir / "config.json", json.dumps({**vars(args), "resolved": s.to_dict()}, indent=2))
                 tracker.log_artifact(run_dir / "config.json")
                 log(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                    f"{sum(p.numel() for p in opt.params) / 1e6:.2f}M trainable), task {task.describe()}, "
+                    f"{sum(p.numel() for p in opt.params):,} trainable), task {task.describe()}, "
                     f"input {s.resize[0]}x{s.resize[1]}, device {device}, {world} process(es), global batch "
                     f"{s.global_batch}, amp {s.amp}, channels_last {s.channels_last}, workers {s.num_workers}\n"
                     f"outputs: {run_dir}")
