@@ -714,6 +714,11 @@ class DlibFaceResNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = head
 
+    def convolutions(self) -> list[nn.Conv2d]:
+        """The 29 convolutions from the input up: the order of dlib's file."""
+        return [self.stem[0]] + [conv for stage in self.stages for block in stage if isinstance(block, _DlibBlock)
+                                 for conv in (block.conv1, block.conv2)]
+
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The 128-d face descriptor dlib computes for the same (normalised) chip."""
         return self.stages(self.stem(x))
@@ -792,22 +797,20 @@ def load_dlib_face_weights(net: DlibFaceResNet, path: str | None = None) -> None
         path = _dlib_face_file("DlibFaceResNet")
     with open(path, "rb") as f:
         reader = _DlibReader(f.read(), path)
-    convs = [net.stem[0]] + [conv for stage in net.stages for block in stage if isinstance(block, _DlibBlock)
-                             for conv in (block.conv1, block.conv2)]
-    loaded = {}
-    with torch.no_grad():  # the file lists layers from the input up
-        for conv in convs:
-            for key, value in reader.conv_with_affine(conv).items():
-                loaded[id(getattr(conv, key))] = value
-        reader.seek_layer("fc_2")
-        outputs, inputs = reader.integer(), reader.integer()
-        matrix = reader.tensor()
-        if (outputs, inputs, matrix.numel()) != (128, 256, 128 * 256):
-            reader.fail(f"embedding {inputs} -> {outputs}, expected 256 -> 128")
-        loaded[id(net.embed.weight)] = matrix.view(256, 128).t()  # dlib computes x @ W
-        for module in convs + [net.embed]:
-            for p in module.parameters(recurse=False):
-                p.copy_(loaded[id(p)])
+    # read and check the whole file before copying anything: a bad file leaves the network untouched
+    loaded = []  # (parameter, value)
+    for conv in net.convolutions():  # the file lists layers from the input up
+        values = reader.conv_with_affine(conv)
+        loaded += [(conv.weight, values["weight"]), (conv.bias, values["bias"])]
+    reader.seek_layer("fc_2")
+    outputs, inputs = reader.integer(), reader.integer()
+    matrix = reader.tensor()
+    if (outputs, inputs, matrix.numel()) != (128, 256, 128 * 256):
+        reader.fail(f"embedding {inputs} -> {outputs}, expected 256 -> 128")
+    loaded.append((net.embed.weight, matrix.view(256, 128).t()))  # dlib computes x @ W
+    with torch.no_grad():
+        for param, value in loaded:
+            param.copy_(value)
 
 
 def _dlib_face_file(name: str) -> str:

@@ -449,16 +449,11 @@ def write_dlib_face_file(path, convs: list[tuple[torch.Tensor, torch.Tensor, tor
     path.write_bytes(bytes(out))
 
 
-def face_convs(net) -> list[nn.Conv2d]:
-    return [net.stem[0]] + [c for stage in net.stages for block in stage if isinstance(block, zoo._DlibBlock)
-                            for c in (block.conv1, block.conv2)]
-
-
 def test_dlib_face_resnet_is_dlibs_architecture():
     """29 convolutions (dlib's 7x7 stem and 14 residual blocks), a 128-d embedding, three heads; 150x150 in."""
     torch.manual_seed(0)
     m = create_model("DlibFaceResNet", 18, multihead=True).eval()
-    convs = face_convs(m.net)
+    convs = m.net.convolutions()
     assert len(convs) == 29 and m.net.embed.weight.shape == (128, 256)
     assert [c.stride[0] for c in convs].count(2) == 5  # the stem and four downsampling blocks
     with torch.no_grad():
@@ -482,14 +477,14 @@ def test_dlib_face_weights_load_from_dlibs_file_format(tmp_path):
     net = create_model("DlibFaceResNet", 18, multihead=True).net
     head_before = {k: v.clone() for k, v in net.fc.state_dict().items()}
     layers = []
-    for conv in face_convs(net):
+    for conv in net.convolutions():
         n = conv.out_channels
         layers.append((torch.randn_like(conv.weight), torch.randn(n), torch.rand(n) + 0.5, torch.randn(n),
                        conv.stride[0], conv.padding[0]))
     embed = torch.randn(256, 128)
     write_dlib_face_file(tmp_path / "face.dat", layers, embed)
     zoo.load_dlib_face_weights(net, str(tmp_path / "face.dat"))
-    for conv, (weight, bias, gamma, beta, _, _) in zip(face_convs(net), layers):
+    for conv, (weight, bias, gamma, beta, _, _) in zip(net.convolutions(), layers):
         torch.testing.assert_close(conv.weight, weight * gamma[:, None, None, None])
         torch.testing.assert_close(conv.bias, bias * gamma + beta)
     torch.testing.assert_close(net.embed.weight, embed.t())
@@ -501,7 +496,7 @@ def test_dlib_face_weights_refuse_another_network(tmp_path):
     torch.manual_seed(0)
     net = create_model("DlibFaceResNet", 18).net
     layers = [(torch.randn_like(c.weight), torch.randn(c.out_channels), torch.ones(c.out_channels),
-               torch.zeros(c.out_channels), c.stride[0], c.padding[0]) for c in face_convs(net)]
+               torch.zeros(c.out_channels), c.stride[0], c.padding[0]) for c in net.convolutions()]
     weight, bias, gamma, beta, _, _ = layers[3]
     layers[3] = (weight, bias, gamma, beta, 2, 0)  # a stride the network does not have
     write_dlib_face_file(tmp_path / "other.dat", layers, torch.randn(256, 128))
