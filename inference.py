@@ -26,6 +26,7 @@ import dataset as data
 from checkpoint import (CheckpointError, build_model, check_state_name, decision_age_cuts, expand_runs,
                         load_checkpoint, resolve_state_path)
 from fileio import atomic_write_text
+from model import amp_dtype
 from task import NUM_CLASSES, decide, task_of
 from tracking import add_tracking_flags, class_metrics, step_tracker
 
@@ -95,7 +96,9 @@ def predict_probs(ckpt: dict, paths: list[str], batch_size: int = 256, num_worke
         batches = tqdm(loader, desc=f"predict {ckpt['model']['name']}", leave=False)
     out = []
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        # Autocast on CUDA as in training: bf16 where the GPU has it, else fp16 (bf16 on a T4 or V100 is
+        # emulated or refused). Off on a CPU (fp32, as train.py's CPU default).
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype(device), enabled=cuda):
             for images, _ in batches:
                 x = transform(images.to(device, non_blocking=True))
                 probs = task.probs(model(x).float(), age_cuts)
