@@ -719,9 +719,43 @@ class DlibFaceResNet(nn.Module):
         return [self.stem[0]] + [conv for stage in self.stages for block in stage if isinstance(block, _DlibBlock)
                                  for conv in (block.conv1, block.conv2)]
 
+    # Frozen-trunk descriptors kept in training, keyed by the exact input: a linear probe's later epochs
+    # see the same (image, flip) inputs again, and the trunk is most of the cost. Bounded (~70 MB).
+    MAX_CACHED_DESCRIPTORS = 100_000
+
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The 128-d face descriptor dlib computes for the same (normalised) chip."""
+        if (self.training and x.device.type == "cpu" and not x.requires_grad and self.trunk_frozen()
+                and not torch.compiler.is_compiling()):
+            return self._cached_embedding(x)
         return self.stages(self.stem(x))
+
+    def trunk_frozen(self) -> bool:
+        """Everything up to the descriptor frozen (``--freeze_blocks 5``): the descriptor is then a fixed
+        function of the input (the trunk has no batch norm or dropout), so it can be computed once per input."""
+        return not any(p.requires_grad for part in (self.stem, self.stages) for p in part.parameters())
+
+    def _cached_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The descriptors of a CPU batch, computing only inputs not seen before (the same up to rounding:
+        a sample's convolutions may round differently in another batch)."""
+        import hashlib
+
+        cache = self.__dict__.setdefault("_descriptor_cache", {})  # not a buffer: never saved
+        keys = [hashlib.blake2b(row.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16,
+                                person=str(x.dtype).encode()[:16]).digest() for row in x]
+        new = [i for i, key in enumerate(keys) if key not in cache]
+        if new:
+            with torch.no_grad():
+                computed = self.stages(self.stem(x[new]))
+            if len(new) == len(keys):  # nothing seen: no lookup needed
+                if len(cache) < self.MAX_CACHED_DESCRIPTORS:
+                    cache.update(zip(keys, computed))
+                return computed
+            fresh = dict(zip((keys[i] for i in new), computed))
+            if len(cache) < self.MAX_CACHED_DESCRIPTORS:
+                cache.update(fresh)
+            return torch.stack([fresh[k] if k in fresh else cache[k] for k in keys])
+        return torch.stack([cache[k] for k in keys])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.norm(self.embedding(x))))

@@ -532,3 +532,45 @@ def test_dlib_face_freeze_blocks_5_leaves_only_the_heads_to_train():
     assert m.net.norm.num_batches_tracked.item() == 1
     with pytest.raises(ValueError, match=r"--freeze_blocks must be in \[0, 5\] for this network, got 6"):
         zoo.regularization_options("DlibFaceResNet", freeze_blocks=6)
+
+
+def test_dlib_face_frozen_trunk_computes_each_input_once_in_training():
+    """With the trunk frozen, training computes a descriptor once per distinct input (an image, its mirror):
+    later epochs reuse it, and a batch mixing seen and new inputs computes only the new ones. The result
+    equals the plain computation; eval mode, a trainable trunk or a full cache compute as usual."""
+    torch.manual_seed(0)
+    options = zoo.regularization_options("DlibFaceResNet", freeze_blocks=5)
+    m = create_model("DlibFaceResNet", 18, multihead=True, **options)
+    net = m.net
+    rows = []
+    net.stem.register_forward_hook(lambda module, inputs, out: rows.append(inputs[0].shape[0]))
+    x = torch.randn(4, 3, 150, 150)
+    with torch.no_grad():
+        plain = net.stages(net.stem(torch.cat([x, torch.flip(x, dims=[3])])))
+    rows.clear()
+    m.train()
+    first = net.embedding(x)
+    again = net.embedding(x.contiguous(memory_format=torch.channels_last))  # same values, other layout
+    mixed = net.embedding(torch.cat([x[:2], torch.flip(x[2:], dims=[3])]))
+    assert rows == [4, 2]  # the second call computed nothing, the third only the two mirrored images
+    torch.testing.assert_close(first, plain[:4], rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, first)
+    torch.testing.assert_close(mixed, torch.cat([plain[:2], plain[6:]]), rtol=1e-4, atol=1e-5)
+    loss = m(x).sum()
+    loss.backward()  # the heads still learn through the cached descriptors
+    assert all(p.grad is not None for p in zoo.trainable_parameters(m))
+
+    rows.clear()
+    m.eval()
+    with torch.no_grad():
+        net.embedding(x)
+    net.MAX_CACHED_DESCRIPTORS = len(net._descriptor_cache)  # full: new inputs are computed, not kept
+    m.train()
+    net.embedding(x + 1)
+    net.embedding(x + 1)
+    assert rows == [4, 4, 4] and len(net._descriptor_cache) == 6
+    rows.clear()
+    for p in net.stages[-1].parameters():
+        p.requires_grad_(True)
+    net.embedding(x)
+    assert rows == [4]  # a trainable trunk: no cache
