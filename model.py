@@ -744,18 +744,13 @@ class DlibFaceResNet(nn.Module):
         keys = [hashlib.blake2b(row.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16,
                                 person=str(x.dtype).encode()[:16]).digest() for row in x]
         new = [i for i, key in enumerate(keys) if key not in cache]
+        fresh = {}
         if new:
             with torch.no_grad():
-                computed = self.stages(self.stem(x[new]))
-            if len(new) == len(keys):  # nothing seen: no lookup needed
-                if len(cache) < self.MAX_CACHED_DESCRIPTORS:
-                    cache.update(zip(keys, computed))
-                return computed
-            fresh = dict(zip((keys[i] for i in new), computed))
-            if len(cache) < self.MAX_CACHED_DESCRIPTORS:
+                fresh = dict(zip((keys[i] for i in new), self.stages(self.stem(x[new]))))
+            if len(cache) < self.MAX_CACHED_DESCRIPTORS:  # full: still computed, no longer kept
                 cache.update(fresh)
-            return torch.stack([fresh[k] if k in fresh else cache[k] for k in keys])
-        return torch.stack([cache[k] for k in keys])
+        return torch.stack([fresh[k] if k in fresh else cache[k] for k in keys])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.norm(self.embedding(x))))
