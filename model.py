@@ -21,6 +21,7 @@ lazily inside the builders so that importing this module stays cheap.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -738,11 +739,11 @@ class DlibFaceResNet(nn.Module):
     def _cached_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The descriptors of a CPU batch, computing only inputs not seen before (the same up to rounding:
         a sample's convolutions may round differently in another batch)."""
-        import hashlib
-
         cache = self.__dict__.setdefault("_descriptor_cache", {})  # not a buffer: never saved
-        keys = [hashlib.blake2b(row.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16,
-                                person=str(x.dtype).encode()[:16]).digest() for row in x]
+        person = str(x.dtype).encode()[:16]
+        # each row's bytes hashed in place (its numpy view is a buffer): no copy of the image per row
+        keys = [hashlib.blake2b(row.contiguous().view(torch.uint8).numpy(), digest_size=16, person=person).digest()
+                for row in x]
         new = [i for i, key in enumerate(keys) if key not in cache]
         fresh = {}
         if new:
