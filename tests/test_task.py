@@ -300,10 +300,13 @@ def test_recipe_config_files_are_valid_train_configs():
         assert args.model == yaml.safe_load(config.read_text())["model"]
 
 
-@pytest.mark.parametrize("models, message", [("flip bogus", "unknown model 'bogus' (known: flip fastaug fastaug96 erase face)"),
+KNOWN_RECIPE_MODELS = "face flip fastaug fastaug96 erase faceprobe"
+
+
+@pytest.mark.parametrize("models, message", [("flip bogus", f"unknown model 'bogus' (known: {KNOWN_RECIPE_MODELS})"),
                                              # every name the message lists is one flags_of accepts
-                                             ("flip fastaug fastaug96 erase face bogus", "unknown model 'bogus'"),
-                                             (" ", "MODELS is empty (known: flip fastaug fastaug96 erase face)")])
+                                             (f"{KNOWN_RECIPE_MODELS} bogus", "unknown model 'bogus'"),
+                                             (" ", f"MODELS is empty (known: {KNOWN_RECIPE_MODELS})")])
 def test_realface_recipe_rejects_unknown_models_before_training(tmp_path, models, message):
     """A typo in MODELS stops the recipe at once, not after the first model's training."""
     out = tmp_path / "out"
@@ -330,18 +333,36 @@ def run_recipe_recording_calls(tmp_path, **env) -> tuple[list[list[str]], list[l
     return [a for a in lines if a[0] == "train.py"], [a for a in lines if a[0] == "inference.py"], out
 
 
-def test_realface_recipe_default_votes_the_cnn_and_the_face_model_geometrically(tmp_path):
+def test_realface_recipe_default_fine_tunes_the_face_network(tmp_path):
+    """The default trains one model, dlib's face network with its last two stages fine-tuned, and predicts
+    with it alone (last epoch, flip TTA)."""
     trains, predict, out = run_recipe_recording_calls(tmp_path)
     value = lambda argv, flag: argv[argv.index(flag) + 1]
-    assert [value(a, "--name") for a in trains] == ["fastaug", "face"]
+    assert [value(a, "--name") for a in trains] == ["face"]
+    argv = trains[0][1:]
+    argv[argv.index("--config") + 1] = str(ROOT / value(argv, "--config"))  # the recipe runs from the repo root
+    face = train.parse_args(argv)  # what train.py would make of it, yaml included
+    assert (face.model, face.freeze_blocks, face.resize, face.lr, face.epochs, face.augmentation) == (
+        "DlibFaceResNet", 3, [150, 150], 0.001, 6, "FastAugmentation")
+    args = inference.build_parser().parse_args(predict[0][1:])
+    assert args.tta == "hflip" and args.state == "last"
+    assert args.model_dir == [str(out / "model" / "face")]
+
+
+def test_realface_recipe_votes_several_models_geometrically(tmp_path):
+    """MODELS="fastaug faceprobe" (the earlier default): the CNN and the frozen face network, one geometric
+    vote; VOTE=mean switches the rule."""
+    trains, predict, out = run_recipe_recording_calls(tmp_path, MODELS="fastaug faceprobe")
+    value = lambda argv, flag: argv[argv.index(flag) + 1]
+    assert [value(a, "--name") for a in trains] == ["fastaug", "faceprobe"]
     assert "--model" not in trains[0] and value(trains[0], "--augmentation") == "FastAugmentation"
-    face = trains[1]
-    assert (value(face, "--model"), value(face, "--freeze_blocks"), face[face.index("--resize") + 1:][:2]) == (
+    probe = trains[1]
+    assert (value(probe, "--model"), value(probe, "--freeze_blocks"), probe[probe.index("--resize") + 1:][:2]) == (
         "DlibFaceResNet", "5", ["150", "150"])
-    args = inference.build_parser().parse_args(predict[0][1:])  # what inference.py would make of it
+    args = inference.build_parser().parse_args(predict[0][1:])
     assert args.vote == "geometric" and args.tta == "hflip" and args.state == "last"
-    assert args.model_dir == [str(out / "model" / n) for n in ("fastaug", "face")]
-    _, predict, _ = run_recipe_recording_calls(tmp_path / "mean", VOTE="mean")
+    assert args.model_dir == [str(out / "model" / n) for n in ("fastaug", "faceprobe")]
+    _, predict, _ = run_recipe_recording_calls(tmp_path / "mean", MODELS="fastaug faceprobe", VOTE="mean")
     assert inference.build_parser().parse_args(predict[0][1:]).vote == "mean"
 
 
