@@ -333,14 +333,18 @@ def run_recipe_recording_calls(tmp_path, **env) -> tuple[list[list[str]], list[l
     return [a for a in lines if a[0] == "train.py"], [a for a in lines if a[0] == "inference.py"], out
 
 
+def flag_value(argv: list[str], flag: str) -> str:
+    """The word after `flag` in a recorded command line."""
+    return argv[argv.index(flag) + 1]
+
+
 def test_realface_recipe_default_fine_tunes_the_face_network(tmp_path):
     """The default trains one model, dlib's face network with its last two stages fine-tuned, and predicts
     with it alone (last epoch, flip TTA)."""
     trains, predict, out = run_recipe_recording_calls(tmp_path)
-    value = lambda argv, flag: argv[argv.index(flag) + 1]
-    assert [value(a, "--name") for a in trains] == ["face"]
+    assert [flag_value(a, "--name") for a in trains] == ["face"]
     argv = trains[0][1:]
-    argv[argv.index("--config") + 1] = str(ROOT / value(argv, "--config"))  # the recipe runs from the repo root
+    argv[argv.index("--config") + 1] = str(ROOT / flag_value(argv, "--config"))  # the recipe runs from the repo root
     face = train.parse_args(argv)  # what train.py would make of it, yaml included
     assert (face.model, face.freeze_blocks, face.resize, face.lr, face.epochs, face.augmentation) == (
         "DlibFaceResNet", 3, [150, 150], 0.001, 6, "FastAugmentation")
@@ -353,12 +357,11 @@ def test_realface_recipe_votes_several_models_geometrically(tmp_path):
     """MODELS="fastaug faceprobe" (the earlier default): the CNN and the frozen face network, one geometric
     vote; VOTE=mean switches the rule."""
     trains, predict, out = run_recipe_recording_calls(tmp_path, MODELS="fastaug faceprobe")
-    value = lambda argv, flag: argv[argv.index(flag) + 1]
-    assert [value(a, "--name") for a in trains] == ["fastaug", "faceprobe"]
-    assert "--model" not in trains[0] and value(trains[0], "--augmentation") == "FastAugmentation"
+    assert [flag_value(a, "--name") for a in trains] == ["fastaug", "faceprobe"]
+    assert "--model" not in trains[0] and flag_value(trains[0], "--augmentation") == "FastAugmentation"
     probe = trains[1]
-    assert (value(probe, "--model"), value(probe, "--freeze_blocks"), probe[probe.index("--resize") + 1:][:2]) == (
-        "DlibFaceResNet", "5", ["150", "150"])
+    assert (flag_value(probe, "--model"), flag_value(probe, "--freeze_blocks"),
+            probe[probe.index("--resize") + 1:][:2]) == ("DlibFaceResNet", "5", ["150", "150"])
     args = inference.build_parser().parse_args(predict[0][1:])
     assert args.vote == "geometric" and args.tta == "hflip" and args.state == "last"
     assert args.model_dir == [str(out / "model" / n) for n in ("fastaug", "faceprobe")]
@@ -369,10 +372,9 @@ def test_realface_recipe_votes_several_models_geometrically(tmp_path):
 def test_realface_recipe_trains_a_repeated_model_with_the_next_seed(tmp_path):
     """MODELS="fastaug96 fastaug96 flip": each run its own folder and seed, all of them soft-voted."""
     trains, predict, out = run_recipe_recording_calls(tmp_path, MODELS="fastaug96 fastaug96 flip", SEED="3")
-    value = lambda argv, flag: argv[argv.index(flag) + 1]
-    assert [(value(a, "--name"), value(a, "--seed")) for a in trains] == [
+    assert [(flag_value(a, "--name"), flag_value(a, "--seed")) for a in trains] == [
         ("fastaug96", "3"), ("fastaug96-seed4", "4"), ("flip", "3")]
-    assert value(trains[0], "--resize") == "96" and "--resize" not in trains[2]
+    assert flag_value(trains[0], "--resize") == "96" and "--resize" not in trains[2]
     assert len(predict) == 1
     runs = predict[0][predict[0].index("--model_dir") + 1:predict[0].index("--state")]
     assert runs == [str(out / "model" / n) for n in ("fastaug96", "fastaug96-seed4", "flip")]
