@@ -7,10 +7,10 @@
 # SEED=N (default 0) changes the initialisation of the new heads and the data order;
 # MODELS=face (default) trains `face`: dlib's face-recognition network (DlibFaceResNet, pretrained on faces),
 # its last two stages fine-tuned with three new heads, 6 epochs with flips, shifts/scales and colour jitter:
-# a few minutes on 2 cores, and at least as good on new people as the earlier two-model vote (README). Several names train several models and predict with
-# their geometric soft vote: `fastaug` is EfficientNet-Lite0 with flip + shift/scale + colour jitter, dropout
-# and stochastic depth (the CNN of the earlier default MODELS="fastaug face"); `faceprobe` is the face network
-# frozen, linear heads only (the face model of that vote). A name given twice trains that model again with
+# a few minutes on 2 cores, and at least as good on new people as the earlier two-model vote (README).
+# Several names train several models and predict with their geometric soft vote: `fastaug` is
+# EfficientNet-Lite0 with flip + shift/scale + colour jitter, dropout and stochastic depth, and `faceprobe` the
+# face network frozen, linear heads only (the earlier default, MODELS="fastaug faceprobe"). A name given twice trains that model again with
 # the next seed (MODELS="fastaug96 fastaug96": two 96x96 models, seeds SEED and SEED+1). VOTE=mean averages
 # probabilities instead (the earlier votes' rule). README: each one's 5-fold estimate and wall time;
 # `erase` adds random erasing, measured no better.
