@@ -7,8 +7,8 @@
 Measures, on the same images:
 - reference: the original baseline, per sample PIL decode -> torchvision Resize, RandomHorizontalFlip,
   ColorJitter(0.1, 0.1, 0.1, 0.1), ToTensor, Normalize in a DataLoader; one epoch;
-- toolkit: ImageStore (decode once, uint8 memmap cache) -> MaskDataset with flip (p 0.5) on uint8 in
-  the workers -> uint8 batch to the device -> BatchTransform (the same colour jitter strength and the
+- toolkit: ImageStore (decode once, uint8 memmap cache) -> MaskDataset with flip (p 0.5) and the same
+  colour jitter strength on uint8 in the workers -> uint8 batch to the device -> BatchTransform (the
   normalisation, batched, on the device; its time counts). cold = the first epoch, decoding and filling
   a fresh cache; warm = later epochs; second run = a new ImageStore on the completed cache (a new
   training run), whose decode count must be 0;
@@ -25,6 +25,11 @@ Measures, on the same images:
   train.py and inference.py use by default on this device are marked (train_ips, infer_ips).
 Pipelines run with one torch thread in the main process (workers always have one), so num_workers 0
 is one core for both pipelines; the training loop and the model run with torch's default thread count.
+Allocator: the reference runs first, as the original ran (glibc's default malloc), then, where
+train.py would (--reuse_memory, on with a CPU: malloc keeps freed memory for reuse), again with that
+setting (reference_reuse_ips, for comparison); then everything else runs as train.py would. The
+ratios are against the first, the original as it was. The setting is process-wide and cannot be
+undone, so compare the toolkit without it by a second run with --reuse_memory False.
 Prints a table, then, as its last line, one JSON object with every number.
 """
 from __future__ import annotations
@@ -73,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze_blocks", type=int, default=0, metavar="N",
                    help="also time the fp32 channels_last train step with train.py's --freeze_blocks N (stem + first "
                         "N stages frozen; EfficientNet-style models), side by side with the others")
+    p.add_argument("--reuse_memory", type=cli.optional_bool, default=None,
+                   help="let malloc keep freed memory for reuse, for the whole run (default: as train.py, on with a "
+                        "CPU device)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -182,7 +190,7 @@ def toolkit_epochs(store: data.ImageStore, resize: Sequence[int], mean, std, bat
     train_set = data.MaskDataset(samples, store, range(len(samples)), "all", augmentation=augmentation, train=True,
                                  seed=seed)
     cuda = device.type == "cuda"
-    transform = data.BatchTransform(mean, std, augmentation.jitter, augmentation.noise_std, channels_last=cuda)
+    transform = data.BatchTransform(mean, std, augmentation.noise_std, channels_last=cuda)
     loader = data.make_loader(train_set, batch_size, shuffle=True, num_workers=num_workers, pin_memory=cuda, seed=seed)
     rates = []
     for epoch in range(epochs):
@@ -199,15 +207,24 @@ def toolkit_epochs(store: data.ImageStore, resize: Sequence[int], mean, std, bat
     return rates
 
 
-def bench_pipelines(paths: list[str], args, mean, std, device: torch.device, workdir: Path) -> dict[int, dict]:
+def bench_pipelines(paths: list[str], args, mean, std, device: torch.device, workdir: Path,
+                    reuse_memory: bool) -> tuple[dict[int, dict], bool]:
+    """The pipelines' rates by worker count, and whether --reuse_memory took effect (it is switched
+    on here, after the original's reference epochs, when `reuse_memory`)."""
+    from model import reuse_freed_memory
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for p in paths:  # into the OS page cache, so no pipeline pays for the disk
             Path(p).read_bytes()
-        results = {}
+        results = {nw: {"reference_ips": reference_epoch(paths, args.resize, mean, std, args.batch_size, nw, device,
+                                                         args.seed)} for nw in args.num_workers}
+        reused = reuse_memory and reuse_freed_memory()
         for nw in args.num_workers:
-            ref = reference_epoch(paths, args.resize, mean, std, args.batch_size, nw, device, args.seed)
+            if reused:
+                results[nw]["reference_reuse_ips"] = reference_epoch(paths, args.resize, mean, std, args.batch_size,
+                                                                     nw, device, args.seed)
             cache = workdir / f"cache-w{nw}"
             store = CountingStore(paths, args.resize, None, cache_dir=cache)
             rates = toolkit_epochs(store, args.resize, mean, std, args.batch_size, nw, device,
@@ -216,10 +233,10 @@ def bench_pipelines(paths: list[str], args, mean, std, device: torch.device, wor
             complete = second.is_complete()
             second_rate = toolkit_epochs(second, args.resize, mean, std, args.batch_size, nw, device, 1, args.seed)[0]
             warm = len(rates[1:]) / sum(1 / r for r in rates[1:])  # all warm images / all warm time
-            results[nw] = {"reference_ips": ref, "cold_ips": rates[0], "warm_ips": warm,
-                           "second_run_ips": second_rate, "cold_decodes": store.decodes,
-                           "second_run_decodes": second.decodes, "cache_complete_before_second_run": complete}
-        return results
+            results[nw].update({"cold_ips": rates[0], "warm_ips": warm, "second_run_ips": second_rate,
+                                "cold_decodes": store.decodes, "second_run_decodes": second.decodes,
+                                "cache_complete_before_second_run": complete})
+        return results, reused
     finally:
         torch.set_num_threads(threads)
 
@@ -322,7 +339,7 @@ def bench_loop(paths: list[str], args, mean, std, device: torch.device, workdir:
     amp, dtype = default_amp(device), amp_dtype(device)
     augmentation = data.Augmentation("bench", hflip=0.5, jitter=JITTER)
     samples = [data.Sample(p, f"p{i}", "mask1", 0, 0, 20) for i, p in enumerate(paths)]  # labels unused
-    transform = data.BatchTransform(mean, std, augmentation.jitter, augmentation.noise_std, channels_last=True)
+    transform = data.BatchTransform(mean, std, augmentation.noise_std, channels_last=True)
     results = {}
     for cached in (True, False):
         store = data.ImageStore(paths, args.resize, None, cache_dir=workdir / "cache-w0" if cached else None)
@@ -361,20 +378,23 @@ def table(result: dict) -> str:
     cols = list(res)
     h, w = result["resize"]
     lines = [f"device {result['device']} | {result['n_images']} images {result['image_source']} -> {h}x{w} | "
-             f"batch {result['batch_size']} | torch threads {result['torch_threads']} | load average "
+             f"batch {result['batch_size']} | torch threads {result['torch_threads']} | reuse_memory "
+             f"{result['reuse_memory']} | load average "
              f"{result['load_avg_start']} -> {result['load_avg_end']}",
              "",
              f"{'input pipeline, images/s':46s}" + "".join(f"{'workers ' + c:>12s}" for c in cols)]
-    rows = [("reference  PIL + torchvision, per epoch", "reference_ips"),
-            ("toolkit    cold (decode, fill the cache)", "cold_ips"),
-            ("toolkit    warm (later epochs, memmap)", "warm_ips"),
-            ("toolkit    second run (new store, same cache)", "second_run_ips")]
+    rows = [("reference  PIL + torchvision, per epoch", "reference_ips")]
+    if result["reuse_memory"]:
+        rows.append(("reference  the same, with --reuse_memory", "reference_reuse_ips"))
+    rows += [("toolkit    cold (decode, fill the cache)", "cold_ips"),
+             ("toolkit    warm (later epochs, memmap)", "warm_ips"),
+             ("toolkit    second run (new store, same cache)", "second_run_ips")]
     for label, key in rows:
         lines.append(f"{label:46s}" + "".join(f"{res[c][key]:12.1f}" for c in cols))
     lines.append(f"{'decodes: cold epoch / second run':46s}"
                  + "".join(f"{str(res[c]['cold_decodes']) + ' / ' + str(res[c]['second_run_decodes']):>12s}"
                            for c in cols))
-    lines.append(f"ratios toolkit / reference, one worker (num_workers 0 for both): "
+    lines.append(f"ratios toolkit / reference (default malloc), one worker (num_workers 0 for both): "
                  f"cold x{result['cold_ratio']:.2f}, warm x{result['warm_ratio']:.2f}")
     amp = f"AMP {result['amp_dtype']}" + (" (emulated)" if result.get("amp_emulated") else "")
     lines += ["", f"model {result['model']} at {h}x{w}, batch {result['batch_size']}, images/s (median step); "
@@ -451,7 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"generating {args.n} 384x512 JPEGs ...", file=sys.stderr)
             paths, source = make_images(workdir / "images", args.n, seed=args.seed), "generated 384x512 JPEG"
         print("input pipelines ...", file=sys.stderr)
-        pipeline = bench_pipelines(paths, args, info.mean, info.std, device, workdir)
+        reuse_memory = device.type == "cpu" if args.reuse_memory is None else args.reuse_memory
+        pipeline, reuse_memory = bench_pipelines(paths, args, info.mean, info.std, device, workdir, reuse_memory)
         print("training loop ...", file=sys.stderr)
         loop = bench_loop(paths, args, info.mean, info.std, device, workdir) if args.loop_steps else {}
     print("model ...", file=sys.stderr)
@@ -460,7 +481,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "reference_ips": one["reference_ips"], "cold_ips": one["cold_ips"], "warm_ips": one["warm_ips"],
         "cold_ratio": one["cold_ips"] / one["reference_ips"], "warm_ratio": one["warm_ips"] / one["reference_ips"],
-        "ratio_num_workers": 0, "second_run_ips": one["second_run_ips"],
+        "ratio_num_workers": 0, "reference_reuse_ips": one.get("reference_reuse_ips"),
+        "second_run_ips": one["second_run_ips"],
         "second_run_decodes": one["second_run_decodes"],
         **model_result, **loop,
         "default_workers_cache": 0, "default_workers_decode": data.default_num_workers(),
@@ -468,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "n_images": len(paths), "image_source": source,
-        "batch_size": args.batch_size, "pipeline": {str(k): v for k, v in pipeline.items()},
+        "batch_size": args.batch_size, "reuse_memory": reuse_memory, "pipeline": {str(k): v for k, v in pipeline.items()},
         "load_avg_start": load_start, "load_avg_end": [round(x, 2) for x in os.getloadavg()],
     }
     print(table(result))

@@ -283,6 +283,13 @@ def str2bool(value: str | bool) -> bool:
     raise UsageError(f"expected True or False, got {value!r}")
 
 
+def optional_bool(value: str | bool | None) -> bool | None:
+    """str2bool, or None for `auto` / `none`: the default that depends on the device."""
+    if value is None or isinstance(value, bool):
+        return value
+    return None if value.lower() in ("auto", "none") else str2bool(value)
+
+
 def in_range(value: object, low: float, high: float, flag: str | None = None, *,
              low_open: bool = False, high_open: bool = False) -> int | float:
     """low <= value <= high (`low_open` / `high_open` exclude the end), else UsageError

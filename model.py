@@ -5,7 +5,8 @@ Public API (used by train.py / inference.py):
 - ``MODELS``: registry ``name -> ModelInfo`` filled by ``@register_model``.
 - ``create_model(name, num_classes, pretrained=False, multihead=False, **options)``.
 - ``model_info(name)``: documented input size (H, W) and normalisation mean/std.
-- ``amp_dtype(device)`` / ``resolve_device(name)``: where and in which precision a model runs.
+- ``amp_dtype(device)`` / ``resolve_device(name)``: where and in which precision a model runs;
+  ``reuse_freed_memory()``: the CPU allocator setting train.py and bench.py use on a CPU.
   The multi-head layout and logits -> probabilities live in task.py.
 - ``trainable_parameters(model)``: what the optimizer should receive.
 - ``PretrainedUnavailable``: raised within seconds when hub weights are neither cached nor downloadable.
@@ -21,8 +22,10 @@ lazily inside the builders so that importing this module stays cheap.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import platform
 import socket
 import threading
 from dataclasses import dataclass
@@ -203,6 +206,29 @@ def default_amp(device: torch.device) -> bool:
     macro F1 by -0.040 (95% interval -0.077 to -0.003) with the 3-bin age head and by +0.018 (-0.015
     to +0.051) with the years head (README "What wins"): not safe by default, so opt-in (--amp True)."""
     return device.type == "cuda"
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a process frees and hand it out again.
+
+    By default glibc maps every block over 32 MiB afresh and unmaps it when freed (smaller ones
+    also go back once the heap's free top passes a threshold); the kernel then zero-fills each 4 KiB
+    page on its first touch, every training step, for every activation and every float batch. Kept
+    in the heap, the same pages are reused. Measured on 2 cores, side by side (README "Benchmark"):
+    training steps 7-9% faster (DlibFaceResNet 150, EfficientNet-Lite0 128), a float batch of
+    64x3x224x224 normalised and jittered in half the time. Resident memory stays at the run's peak
+    instead of falling back between steps. Process-wide and lasting: call it once, in a CPU run's
+    main process, before the DataLoader forks its workers (they inherit it). False where the C library
+    is not glibc (macOS, Windows, musl): nothing changes there."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    # no mmap'd blocks at all (so large ones come from the reusable heap), and never trim the heap
+    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
 def resolve_device(name: str = "auto") -> torch.device:

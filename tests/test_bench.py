@@ -65,16 +65,6 @@ def test_make_images_are_384x512_jpegs(tmp_path):
 
 
 # ------------------------------------------------ the pipeline speed-ups bench.py measures keep behaviour
-def _reference_batch_transform(images, mean, std, matrix, offset_weight):
-    """The straightforward formula: /255, 3x3 colour matrix + mean-based offset, clamp, normalise."""
-    import torch
-
-    x = images.float() / 255
-    offset = (offset_weight @ x.mean(dim=(2, 3)).unsqueeze(-1)).view(len(x), 3, 1, 1)
-    x = (torch.einsum("nij,njhw->nihw", matrix, x) + offset).clamp(0, 1)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
 def test_batch_transform_chunks_match_the_plain_formula():
     import torch
 
@@ -83,17 +73,33 @@ def test_batch_transform_chunks_match_the_plain_formula():
     # 3x200x200 images: the CPU path works in chunks of a few images, so chunk edges are crossed
     images = torch.randint(0, 256, (10, 3, 200, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     for channels_last in (False, True):
-        bt = data.BatchTransform(mean, std, jitter=(0.2, 0.2, 0.2, 0.05), channels_last=channels_last)
-        torch.manual_seed(3)
-        out = bt(images, train=True)
-        torch.manual_seed(3)
-        matrix, offset_weight = bt._color_matrix(len(images), images.device)
-        expected = _reference_batch_transform(images, mean, std, matrix, offset_weight)
-        assert torch.allclose(out, expected, atol=2e-5)
-        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        assert torch.allclose(bt(images, train=False), (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1))
-                              / torch.tensor(std).view(1, 3, 1, 1), atol=1e-5)
+        bt = data.BatchTransform(mean, std, channels_last=channels_last)
+        for train in (False, True):  # no noise: training is the same normalisation
+            out = bt(images, train=train)
+            assert torch.allclose(out, expected, atol=1e-5)
+            assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert bt(images[:0]).shape == (0, 3, 200, 200)
+
+
+def test_uint8_colour_jitter_matches_the_float_formula():
+    """The one-pass OpenCV jitter is the straightforward float formula (3x3 colour matrix plus the
+    contrast offset from the image's mean, clipped), rounded to uint8."""
+    import numpy as np
+
+    import dataset as data
+
+    img = np.random.default_rng(0).integers(0, 256, (60, 50, 3), dtype=np.uint8)
+    for seed in range(5):
+        out = data.jitter_colours(img, (0.3, 0.3, 0.3, 0.1), np.random.default_rng(seed))
+        matrix, offset_weight = data.colour_jitter_matrix((0.3, 0.3, 0.3, 0.1), np.random.default_rng(seed))
+        x = img.reshape(-1, 3).astype(np.float64)
+        expected = (x @ matrix.T + offset_weight @ x.mean(axis=0)).clip(0, 255).reshape(img.shape)
+        assert out.dtype == np.uint8 and out.shape == img.shape
+        error = np.abs(out - expected)
+        assert error.max() < 1 and error.mean() < 0.3  # rounding (of float32 arithmetic) only
+        assert not np.array_equal(out, img)
 
 
 def test_collate_matches_default_collate_in_and_out_of_workers(tmp_path):
@@ -134,8 +140,16 @@ def test_jpeg_reduction_never_upsamples(tmp_path):
     Image.fromarray(img).save(tmp_path / "a.jpg", quality=90)
     Image.fromarray(img).save(tmp_path / "p.jpg", quality=90, progressive=True)
     Image.fromarray(img).save(tmp_path / "a.png")
-    for name in ("a.jpg", "p.jpg"):
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 5000  # a long APP1 segment before the frame header
+    Image.fromarray(img).save(tmp_path / "e.jpg", quality=90, exif=exif)
+    for name in ("a.jpg", "p.jpg", "e.jpg"):
         assert data.jpeg_size(tmp_path / name) == (384, 512)
+        assert data.jpeg_size(data.read_bytes(tmp_path / name)) == (384, 512)  # the bytes, read once
+    raw = data.read_bytes(tmp_path / "e.jpg")
+    for cut in (1, 2, 3, 4, 6, 100, 5000):  # cut before the frame header: no size, no exception
+        assert data.jpeg_size(raw[:cut]) is None, cut
+    assert data.jpeg_size(tmp_path / "missing.jpg") is None and data.read_bytes(tmp_path / "missing.jpg") is None
     assert data.jpeg_size(tmp_path / "a.png") is None and data.jpeg_reduction(tmp_path / "a.png", (96, 72)) == 1
     assert data.jpeg_reduction(tmp_path / "a.jpg", (224, 224)) == 1  # 192 wide at 1/2: too narrow
     assert data.jpeg_reduction(tmp_path / "a.jpg", (256, 192)) == 2

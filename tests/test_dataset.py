@@ -555,7 +555,10 @@ def test_random_erase_replaces_one_rectangle_only():
 
 
 def test_erasing_augmentation_erases_about_half_the_images():
-    aug = data.create_augmentation("ErasingAugmentation")
+    import dataclasses
+
+    # its colour jitter off, which would change every pixel
+    aug = dataclasses.replace(data.create_augmentation("ErasingAugmentation"), jitter=(0, 0, 0, 0))
     img = np.full((32, 32, 3), 7, np.uint8)
     rng = np.random.default_rng(0)
     erased = [(aug.cpu_transform(img, rng) != 7).any(axis=2).mean() > 0.015 for _ in range(400)]
@@ -583,38 +586,45 @@ def _uint8_batch(n: int = 4) -> torch.Tensor:
 def test_batch_transform_eval_is_plain_normalisation():
     x = _uint8_batch()
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    bt = data.BatchTransform(mean, std, jitter=(0.3, 0.3, 0.3, 0.1), noise_std=0.2)
+    bt = data.BatchTransform(mean, std, noise_std=0.2)
     out = bt(x.clone(), train=False)
     expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert torch.allclose(out, expected, atol=1e-6)
     assert torch.equal(bt(x.clone(), train=False), out)  # deterministic
+    noisy = bt(x.clone(), train=True)  # the noise only in training
+    assert not torch.allclose(noisy, out, atol=1e-3) and abs(float((noisy - out).std()) - 0.2) < 0.03
 
 
-def test_batch_transform_jitter_only_in_train():
-    x = _uint8_batch()
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    plain = data.BatchTransform(mean, std)(x.clone(), train=False)
-    # no jitter, no noise: training is the same normalisation
-    assert torch.allclose(data.BatchTransform(mean, std)(x.clone(), train=True), plain)
+def test_colour_jitter_runs_per_sample_in_training_only():
+    rng_img = np.random.default_rng(0)
+    img = rng_img.integers(0, 256, (16, 12, 3), dtype=np.uint8)
     for jitter in ((0.3, 0, 0, 0), (0, 0.3, 0, 0), (0, 0, 0.3, 0), (0, 0, 0, 0.1), (0.2, 0.2, 0.2, 0.05)):
-        torch.manual_seed(0)
-        out = data.BatchTransform(mean, std, jitter=jitter)(x.clone(), train=True)
-        assert out.shape == x.shape and torch.isfinite(out).all()
-        assert not torch.allclose(out, plain, atol=1e-3), jitter
-        # clamped to the valid pixel range before normalisation
-        pixels = out * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
-    noisy = data.BatchTransform(mean, std, noise_std=0.1)(x.clone(), train=True)
-    assert not torch.allclose(noisy, plain, atol=1e-3)
+        aug = data.Augmentation("j", jitter=jitter)
+        assert aug.is_random
+        out = aug.cpu_transform(img, np.random.default_rng(1))
+        assert out.dtype == np.uint8 and out.shape == img.shape and not np.array_equal(out, img), jitter
+        assert np.array_equal(aug.cpu_transform(img, np.random.default_rng(1)), out)  # the sample's rng decides
+    # through the dataset: training images are jittered, validation images never
+    store = data.ImageStore([], (16, 12))
+    store.decode = lambda index: img.copy()
+    store.paths = ["a.jpg"]
+    samples = [data.Sample("a.jpg", "p0", "mask1", 0, 0, 20)]
+    aug = data.Augmentation("j", jitter=(0.3, 0.3, 0.3, 0.1))
+    train = data.MaskDataset(samples, store, [0], "all", augmentation=aug, train=True)
+    val = data.MaskDataset(samples, store, [0], "all", augmentation=aug, train=False)
+    assert not np.array_equal(train[0][0].permute(1, 2, 0).numpy(), img)
+    assert np.array_equal(val[0][0].permute(1, 2, 0).numpy(), img)
 
 
-def test_batch_transform_hue_keeps_grey():
+def test_colour_jitter_keeps_grey_and_strength_zero_is_identity():
     # saturation and hue jitter must leave grey pixels grey (they act on colour only)
-    grey = torch.full((2, 3, 4, 4), 128, dtype=torch.uint8)
-    torch.manual_seed(1)
-    out = data.BatchTransform((0, 0, 0), (1, 1, 1), jitter=(0, 0, 0.5, 0.2))(grey, train=True)
-    assert torch.allclose(out, torch.full_like(out, 128 / 255), atol=1e-4)
+    grey = np.full((4, 4, 3), 128, dtype=np.uint8)
+    for seed in range(5):
+        out = data.jitter_colours(grey, (0, 0, 0.5, 0.2), np.random.default_rng(seed))
+        assert np.abs(out.astype(int) - 128).max() <= 1
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(data.jitter_colours(img, (0, 0, 0, 0), np.random.default_rng(0)), img)
 
 
 # --------------------------------------------------------------------------- crops
@@ -941,10 +951,33 @@ def test_load_image_pil_fallback_turns_exif_rotated_photos_upright(tmp_path, mon
     path = tmp_path / "rotated.jpg"
     Image.fromarray(pixels).save(path, exif=exif, quality=95)
     upright = data.load_image(path)
-    assert upright.shape == (40, 20, 3)  # OpenCV applies the EXIF orientation
+    assert upright.shape == (40, 20, 3)  # torchvision applies the EXIF orientation
+    monkeypatch.setattr(data, "decode_jpeg_rgb", lambda path: None)
+    opencv = data.load_image(path)
+    assert np.array_equal(opencv, upright)  # and so does OpenCV, to the same pixels
     monkeypatch.setattr(data.cv2, "imread", lambda *a, **k: None)
     fallback = data.load_image(path)
     assert fallback.shape == upright.shape and np.abs(fallback.astype(int) - upright).mean() < 3
+
+
+def test_jpeg_decoders_agree_and_other_files_take_the_opencv_way(tmp_path):
+    """The fast torchvision decoder gives OpenCV's pixels for colour, grey and progressive JPEGs, and
+    steps aside (None) for a PNG, a PNG named .jpg, a missing file and a truncated JPEG header."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (48, 32, 3), dtype=np.uint8)
+    cases = {"colour.jpg": (Image.fromarray(rgb), {}), "grey.jpg": (Image.fromarray(rgb).convert("L"), {}),
+             "progressive.jpg": (Image.fromarray(rgb), {"progressive": True})}
+    for name, (im, options) in cases.items():
+        im.save(tmp_path / name, quality=90, **options)
+        fast = data.decode_jpeg_rgb(tmp_path / name)
+        assert fast.shape == (48, 32, 3) and fast.dtype == np.uint8 and fast.flags.c_contiguous
+        assert np.array_equal(fast, data.cv2.imread(str(tmp_path / name), data.cv2.IMREAD_COLOR)[..., ::-1]), name
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    (tmp_path / "png-named.jpg").write_bytes((tmp_path / "a.png").read_bytes())
+    (tmp_path / "header-only.jpg").write_bytes((tmp_path / "colour.jpg").read_bytes()[:40])
+    for name in ("a.png", "png-named.jpg", "missing.jpg", "header-only.jpg"):
+        assert data.decode_jpeg_rgb(tmp_path / name) is None, name
+    assert np.array_equal(data.load_image(tmp_path / "png-named.jpg"), rgb)  # OpenCV reads it by content
 
 
 def test_close_loaders_stops_persistent_workers_now():
