@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
         "second_run_ips": one["second_run_ips"],
         "second_run_decodes": one["second_run_decodes"],
         **model_result, **loop,
-        "default_workers_cache": 0, "default_workers_decode": data.default_num_workers(),
+        "default_workers_cache": 0, "default_workers_decode": data.default_num_workers(cpu_training=device.type == "cpu"),
         "resize": list(args.resize), "model": args.model, "freeze_blocks": args.freeze_blocks, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", type=str2bool, default=False, help="decode+resize each image once into a uint8 memmap reused across epochs and runs")
     g.add_argument("--cache_dir", default=None, help="where the cache lives (default ~/.cache/mask-toolkit)")
     g.add_argument("--num_workers", type=int, default=None,
-                   help="DataLoader workers (default: none with --cache, where decoding is done once, else from the CPU count)")
+                   help="DataLoader workers (default: none with --cache, where decoding is done once, or when training on "
+                        "a CPU of 2 cores or fewer; else from the CPU count)")
     g.add_argument("--skip_bad_images", type=str2bool, default=False, nargs="?", const=True,
                    help="warn about and drop unreadable/truncated images instead of stopping")
     g.add_argument("--label_overrides", default=None, metavar="FILE",
@@ -384,7 +385,9 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
     if args.amp and (note := slow_amp_warning(device)):
         log(f"warning: --amp True: {note}")
     # With the cache nothing is decoded after the first epoch: a worker only adds IPC (bench.py).
-    workers = args.num_workers if args.num_workers is not None else (0 if args.cache else data.default_num_workers())
+    cpu_training = device.type == "cpu"
+    workers = args.num_workers if args.num_workers is not None else \
+        (0 if args.cache else data.default_num_workers(cpu_training))
     return Settings(task=task, resize=resize, age_bins=age_bins, score_age_bins=tuple(args.score_age_bins or age_bins),
                     amp=default_amp(device) if args.amp is None else args.amp,
                     channels_last=True if args.channels_last is None else args.channels_last,

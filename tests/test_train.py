@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import shutil
 import warnings
@@ -364,6 +365,46 @@ def test_amp_channels_last_build_and_run_on_cpu(tiny_train_args, tiny_root, tmp_
     conv = next(v for v in ckpt["state_dict"].values() if v.dim() == 4)  # the first convolution
     assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_cpu_defaults_reuse_memory_and_no_decoding_worker_on_two_cores(tiny_train_args, tiny_root, tmp_path,
+                                                                       monkeypatch, capsys):
+    """On a 2-core CPU train.py decodes in the main process (no worker) and asks malloc to keep freed
+    memory, and config.json records both; --reuse_memory False leaves malloc alone."""
+    import model as zoo
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    calls = []
+    monkeypatch.setattr(zoo, "reuse_freed_memory", lambda: calls.append(1) or True)
+    i = tiny_train_args.index("--num_workers")
+    defaults = tiny_train_args[:i] + tiny_train_args[i + 2:]  # the worker count left to train.py
+    rc, run = run_train(tmp_path, defaults, tiny_root / "train", "--epochs", "1", "--cache", "False")
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    assert rc == 0 and calls == [1] and resolved["reuse_memory"] is True and resolved["num_workers"] == 0
+    assert "workers 0, reuse_memory True" in capsys.readouterr().out
+    rc, run = run_train(tmp_path, tiny_train_args, tiny_root / "train", "--epochs", "1", "--reuse_memory", "False",
+                        "--name", "plain")
+    assert rc == 0 and calls == [1] and json.loads((run / "config.json").read_text())["resolved"]["reuse_memory"] is False
+
+
+def test_default_num_workers_by_cores_and_device(monkeypatch):
+    for cores, cpu, gpu in ((1, 0, 0), (2, 0, 1), (4, 3, 3), (16, 8, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert data.default_num_workers(cpu_training=True) == cpu, cores
+        assert data.default_num_workers() == gpu, cores
+
+
+def test_reuse_freed_memory_sets_glibc_malloc_or_says_no(monkeypatch):
+    import platform
+
+    import model as zoo
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert zoo.reuse_freed_memory() is True
+        x = torch.ones(64, 3, 224, 224)  # a block glibc would otherwise mmap: still works, still freed
+        assert float(x.sum()) == 64 * 3 * 224 * 224
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("musl", ""))
+    assert zoo.reuse_freed_memory() is False  # another C library: nothing is changed
 
 
 def test_compile_flag_wraps_the_model(tiny_train_args, tiny_root, tmp_path, monkeypatch):
