@@ -520,8 +520,12 @@ def decode_jpeg_rgb(source: str | os.PathLike | np.ndarray) -> np.ndarray | None
     """A JPEG (a file, or its bytes from `read_bytes`) in full as RGB uint8 HWC, upright by its EXIF
     orientation, with torchvision's libjpeg-turbo: the same pixels as OpenCV's, in 0.86 against 0.94
     ms for a 384x512 photo (decoding is most of the first epoch). None for anything else or anything
-    it cannot decode, which then goes the OpenCV / PIL way (and its error messages)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    it cannot decode, which then goes the OpenCV / PIL way (and its error messages). torchvision 0.29
+    deprecates its image decoders (for TorchCodec); where a later one has dropped them, OpenCV decodes."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
 
     raw = read_bytes(source) if not isinstance(source, np.ndarray) else source
     if raw is None or raw[:2].tobytes() != b"\xff\xd8":

@@ -980,6 +980,20 @@ def test_jpeg_decoders_agree_and_other_files_take_the_opencv_way(tmp_path):
     assert np.array_equal(data.load_image(tmp_path / "png-named.jpg"), rgb)  # OpenCV reads it by content
 
 
+def test_a_torchvision_without_image_decoders_leaves_decoding_to_opencv(tmp_path, monkeypatch):
+    """torchvision 0.29 deprecates torchvision.io's decoders; once they are gone, images still load."""
+    import sys
+
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=90)
+    before = data.load_image(tmp_path / "a.jpg")
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)  # `from torchvision.io import ...` now fails
+    assert data.decode_jpeg_rgb(tmp_path / "a.jpg") is None
+    assert np.array_equal(data.load_image(tmp_path / "a.jpg"), before)
+    store = data.ImageStore([str(tmp_path / "a.jpg")], (24, 16))
+    assert store.decode(0).shape == (24, 16, 3)
+
+
 def test_close_loaders_stops_persistent_workers_now():
     """Workers ignore SIGTERM, so they must be shut down by the loader, not left to interpreter exit."""
     loader = data.make_loader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=4, num_workers=1)
