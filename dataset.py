@@ -537,14 +537,15 @@ def decode_jpeg_rgb(source: str | os.PathLike | np.ndarray) -> np.ndarray | None
     return np.ascontiguousarray(chw.permute(1, 2, 0).numpy())  # a view of its HWC buffer: no copy
 
 
-def load_image(path: str | os.PathLike, reduce: int = 1) -> np.ndarray:
+def load_image(path: str | os.PathLike, reduce: int = 1, raw: np.ndarray | None = None) -> np.ndarray:
     """Decode to RGB uint8 HWC (torchvision's or OpenCV's libjpeg-turbo: ~4x faster than PIL +
     torchvision transforms).
 
     `reduce` 2, 4 or 8 decodes a JPEG at that fraction of its size inside the inverse DCT
     (libjpeg's scaled decoding): less work than decoding in full and shrinking afterwards.
+    `raw`: the file's bytes from `read_bytes`, when the caller already has them.
     """
-    if reduce == 1 and (img := decode_jpeg_rgb(path)) is not None:
+    if reduce == 1 and (img := decode_jpeg_rgb(path if raw is None else raw)) is not None:
         return img
     if reduce == 1:
         img = cv2.imread(str(path), getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR))
@@ -740,13 +741,11 @@ class ImageStore:
         path = self.paths[index]
         raw = read_bytes(path)  # one read for the header and the decoder
         reduce = jpeg_reduction(raw, self.resize, self.crop) if raw is not None else 1
-        img = decode_jpeg_rgb(raw) if reduce == 1 and raw is not None else None
-        if img is None:  # scaled decoding, another format, or an error to report
-            img = load_image(path, reduce)
+        img = load_image(path, reduce, raw)
         if reduce > 1:
             _, _, h, w = crop_box(img.shape[0], img.shape[1], self.crop)
             if h < self.resize[0] or w < self.resize[1]:  # EXIF rotation swapped the sides
-                img = load_image(path)
+                img = load_image(path, raw=raw)
         return preprocess(img, self.resize, self.crop)
 
     def __getitem__(self, index: int) -> np.ndarray:
