@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"generating {args.n} 384x512 JPEGs ...", file=sys.stderr)
             paths, source = make_images(workdir / "images", args.n, seed=args.seed), "generated 384x512 JPEG"
         print("input pipelines ...", file=sys.stderr)
-        reuse_memory = device.type == "cpu" if args.reuse_memory is None else args.reuse_memory
+        reuse_memory = zoo.default_reuse_memory(device) if args.reuse_memory is None else args.reuse_memory
         pipeline, reuse_memory = bench_pipelines(paths, args, info.mean, info.std, device, workdir, reuse_memory)
         print("training loop ...", file=sys.stderr)
         loop = bench_loop(paths, args, info.mean, info.std, device, workdir) if args.loop_steps else {}

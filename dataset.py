@@ -868,7 +868,8 @@ def colour_jitter_matrix(jitter: Sequence[float], rng: np.random.Generator) -> t
 
 def jitter_colours(img: np.ndarray, jitter: Sequence[float], rng: np.random.Generator) -> np.ndarray:
     """Colour jitter of a uint8 RGB image in one OpenCV pass (rounded, clipped to 0..255 once at the
-    end): ~0.05 ms for 224x224, where the same 3x3 map over a float batch cost ~0.25 ms an image."""
+    end): about 0.08 ms for 224x224 on one core, where the same 3x3 map over the float batch (a
+    batched matrix product) took 0.16-0.28 ms an image."""
     matrix, offset_weight = colour_jitter_matrix(jitter, rng)
     offset = offset_weight @ np.array(cv2.mean(img)[:3])
     return cv2.transform(img, np.hstack([matrix, offset[:, None]]).astype(np.float32))
@@ -1022,7 +1023,9 @@ class BatchTransform:
         shift = (-self.mean / self.std).to(device)
         out = torch.empty(images.shape, dtype=torch.float32, device=device,
                           memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        step = max(1, (1 << 19) // max(1, images[0].numel())) if device.type == "cpu" and n else max(1, n)
+        if n == 0:
+            return out
+        step = max(1, (1 << 19) // max(1, images[0].numel())) if device.type == "cpu" else n
         for lo in range(0, n, step):
             out[lo:lo + step].copy_(images[lo:lo + step]).mul_(scale).add_(shift)
         if train and self.noise_std:

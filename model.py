@@ -6,7 +6,8 @@ Public API (used by train.py / inference.py):
 - ``create_model(name, num_classes, pretrained=False, multihead=False, **options)``.
 - ``model_info(name)``: documented input size (H, W) and normalisation mean/std.
 - ``amp_dtype(device)`` / ``resolve_device(name)``: where and in which precision a model runs;
-  ``reuse_freed_memory()``: the CPU allocator setting train.py and bench.py use on a CPU.
+  ``reuse_freed_memory()`` / ``default_reuse_memory(device)``: the allocator setting train.py and bench.py
+  use on a CPU.
   The multi-head layout and logits -> probabilities live in task.py.
 - ``trainable_parameters(model)``: what the optimizer should receive.
 - ``PretrainedUnavailable``: raised within seconds when hub weights are neither cached nor downloadable.
@@ -208,6 +209,11 @@ def default_amp(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def default_reuse_memory(device: torch.device) -> bool:
+    """train.py's --reuse_memory default: on where the model runs on the CPU (`reuse_freed_memory`)."""
+    return device.type == "cpu"
+
+
 def reuse_freed_memory() -> bool:
     """Make glibc's malloc keep the memory a process frees and hand it out again.
 
@@ -215,8 +221,8 @@ def reuse_freed_memory() -> bool:
     also go back once the heap's free top passes a threshold); the kernel then zero-fills each 4 KiB
     page on its first touch, every training step, for every activation and every float batch. Kept
     in the heap, the same pages are reused. Measured on 2 cores, side by side (README "Benchmark"):
-    training steps 7-9% faster (DlibFaceResNet 150, EfficientNet-Lite0 128), a float batch of
-    64x3x224x224 normalised and jittered in half the time. Resident memory stays at the run's peak
+    training steps 7-9% faster (DlibFaceResNet 150, EfficientNet-Lite0 128), a 64x3x224x224 float
+    batch made from uint8 in about half the time. Resident memory stays at the run's peak
     instead of falling back between steps. Process-wide and lasting: call it once, in a CPU run's
     main process, before the DataLoader forks its workers (they inherit it). False where the C library
     is not glibc (macOS, Windows, musl): nothing changes there."""

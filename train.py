@@ -363,8 +363,8 @@ class Settings:
 
 def resolve_settings(args: argparse.Namespace, device: torch.device, world: int) -> Settings:
     """Defaults that depend on the model, the task or the hardware; unknown names fail here."""
-    from model import (PretrainedUnavailable, check_pretrained, default_amp, model_info, regularization_options,
-                       size_options, slow_amp_warning)
+    from model import (PretrainedUnavailable, check_pretrained, default_amp, default_reuse_memory, model_info,
+                       regularization_options, size_options, slow_amp_warning)
 
     cuda = device.type == "cuda"
     try:
@@ -391,7 +391,7 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
     return Settings(task=task, resize=resize, age_bins=age_bins, score_age_bins=tuple(args.score_age_bins or age_bins),
                     amp=default_amp(device) if args.amp is None else args.amp,
                     channels_last=True if args.channels_last is None else args.channels_last,
-                    reuse_memory=device.type == "cpu" if args.reuse_memory is None else args.reuse_memory,
+                    reuse_memory=default_reuse_memory(device) if args.reuse_memory is None else args.reuse_memory,
                     num_workers=workers, model_options=model_options, data_dir=args.data_dir or str(DEMO_DIR / "train"),
                     world=world, global_batch=args.batch_size * world * args.accum_steps,
                     mean=tuple(info.mean), std=tuple(info.std))
