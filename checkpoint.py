@@ -4,7 +4,8 @@ written atomically and loadable with `torch.load(weights_only=True)`.
 
 Format `mask-toolkit/1` (a dict):
     format, model {name, num_classes, multihead, heads, options}, task, task_options {name, age_head, age_sigma},
-    classes, age_bins, preprocess {resize, crop, mean, std}, class_offsets, age_cuts,
+    classes, age_bins, preprocess {resize, crop, mean, std, face (faces.FaceSettings or None; absent in files
+    written before it)}, class_offsets, age_cuts,
     args (the run's config: what was asked), resolved (what the run derived from it),
     label_overrides (the corrections --label_overrides applied: person, image, kind, label, suggested;
     [] for none; absent in files written before it, read with .get),
@@ -70,7 +71,8 @@ def build_metadata(model_name: str, model_options: dict, task: Task, age_bins: S
         "classes": task.class_names(age_bins), "age_bins": list(age_bins),
         "preprocess": {"resize": list(preprocess["resize"]),
                        "crop": list(preprocess["crop"]) if preprocess.get("crop") else None,
-                       "mean": list(preprocess["mean"]), "std": list(preprocess["std"])},
+                       "mean": list(preprocess["mean"]), "std": list(preprocess["std"]),
+                       "face": preprocess.get("face")},
         "class_offsets": None,
         "age_cuts": list(age_cuts) if age_cuts is not None and task.age_head == "years" else None,
         "args": args, "resolved": resolved,
@@ -278,13 +280,16 @@ def load_resumable(path: str | os.PathLike) -> dict:
 
 
 def check_resumable(ckpt: dict, model_name: str, model_options: dict, task: Task, resize: Sequence[int],
-                    path: str | os.PathLike) -> None:
+                    path: str | os.PathLike, face_crop: str = "none") -> None:
     """The network a resumed run builds must be the one its last.pth holds (else loading its weights
     fails with a page of missing keys), and it must see images of the same size (else one run folder
     holds checkpoints of two input sizes): one line naming what differs."""
-    saved = {"options": {}, **ckpt["model"], "task": ckpt["task"], "resize": list(ckpt["preprocess"]["resize"])}
-    wanted = {**model_spec(model_name, model_options, task), "task": task.name, "resize": list(resize)}
-    labels = {"name": "model", "options": "model options", "num_classes": "classes", "resize": "--resize"}
+    saved = {"options": {}, **ckpt["model"], "task": ckpt["task"], "resize": list(ckpt["preprocess"]["resize"]),
+             "face_crop": (ckpt["preprocess"].get("face") or {}).get("geometry", "none")}
+    wanted = {**model_spec(model_name, model_options, task), "task": task.name, "resize": list(resize),
+              "face_crop": face_crop}
+    labels = {"name": "model", "options": "model options", "num_classes": "classes", "resize": "--resize",
+              "face_crop": "--face_crop"}
     differ = [f"{labels.get(key, key)} {saved.get(key)!r} there, {value!r} here"
               for key, value in wanted.items() if saved.get(key) != value]
     if differ:

@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+import faces
 from cli import ToolkitError, examples
 from fileio import atomic_write_text
 from task import (DEFAULT_AGE_BINS, GENDER_NAMES, NUM_CLASSES, TASK_CLASSES, age_label,  # noqa: F401 (re-exported)
@@ -663,6 +664,43 @@ def preprocess(img: np.ndarray, resize: Sequence[int], crop: Sequence | None = N
     return np.ascontiguousarray(img)
 
 
+def warp_face(path: str | os.PathLike, raw: np.ndarray | None, matrix: np.ndarray, resize: Sequence[int]) -> np.ndarray:
+    """A face stage crop: the photo decoded (at a JPEG reduction that never upsamples the crop) and cut by
+    `matrix` (photo pixels -> crop pixels) at `resize` (H, W)."""
+    size = jpeg_size(raw) if raw is not None else None
+    shrink = 1.0 / max(float(np.hypot(matrix[0, 0], matrix[1, 0])), 1e-12)  # photo pixels per crop pixel
+    factor = next((f for f in (8, 4, 2) if f <= shrink), 1) if size else 1
+    img = load_image(path, factor, raw)
+    if factor > 1:
+        width, height = size
+        if img.shape[:2] != (-(-height // factor), -(-width // factor)):  # EXIF rotation: decode in full
+            img, factor = load_image(path, raw=raw), 1
+    if factor > 1:  # a reduced pixel (u, v) covers photo pixels f*u .. f*u + f - 1
+        linear = matrix[:, :2] * factor
+        matrix = np.concatenate([linear, (matrix[:, 2] + matrix[:, :2].sum(1) * (factor - 1) / 2)[:, None]], 1)
+    return faces.warp(img, matrix, resize)
+
+
+def face_store(paths: Sequence[str], preprocess: dict, cache_dir: str | os.PathLike | None = None,
+               face_run: faces.FaceRun | None = None, groups: Sequence[str | None] | None = None,
+               progress: Callable[[Iterable], Iterable] | None = None) -> tuple[ImageStore, faces.Located | None]:
+    """The ImageStore a checkpoint's `preprocess` asks for: with a face stage (`preprocess["face"]`), every
+    photo located first (detections shared and cached through `face_run`, on disk where its folder is set),
+    then cut by its own transform. `groups`: the sitting of each training photo (None for photos that stand
+    alone), see `faces.FaceStage.locate`. Returns the store and the located faces (None without a face
+    stage); a training call (no fallback yet) writes its learnt fallback into `preprocess["face"]`."""
+    settings = faces.FaceSettings.from_dict(preprocess.get("face"))
+    if settings is None:
+        return ImageStore(paths, preprocess["resize"], preprocess.get("crop"), cache_dir), None
+    face_run = face_run if face_run is not None else faces.FaceRun()
+    located = faces.FaceStage(settings).locate(paths, load_image, groups, face_run.cache(settings.detector_key()),
+                                               progress)
+    face_run.located.append(located)
+    preprocess["face"] = settings.to_dict()
+    transforms = located.transforms(settings.geometry, preprocess["resize"])
+    return ImageStore(paths, preprocess["resize"], None, cache_dir, transforms), located
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mask-toolkit"
 
@@ -678,10 +716,12 @@ class ImageStore:
     """
 
     def __init__(self, paths: Sequence[str], resize: Sequence[int], crop: Sequence | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, transforms: np.ndarray | None = None):
         self.paths = list(paths)
         self.resize = (int(resize[0]), int(resize[1]))
         self.crop = list(crop) if crop else None
+        # [N, 2, 3] photo -> crop matrices of the face stage (faces.Located.transforms), replacing crop + resize
+        self.transforms = None if transforms is None else np.asarray(transforms, np.float64)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._pixels: np.ndarray | None = None
         self._filled: np.ndarray | None = None
@@ -690,6 +730,8 @@ class ImageStore:
 
     def _key(self) -> str:
         h = hashlib.sha1(json.dumps({"v": 2, "resize": self.resize, "crop": self.crop}).encode())
+        if self.transforms is not None:  # the face crops: each photo's own matrix (to 1e-4 of a pixel)
+            h.update(np.round(self.transforms, 4).tobytes())
         for p in self.paths:
             st = os.stat(p)
             h.update(f"{os.path.abspath(p)}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
@@ -740,6 +782,8 @@ class ImageStore:
     def decode(self, index: int) -> np.ndarray:
         path = self.paths[index]
         raw = read_bytes(path)  # one read for the header and the decoder
+        if self.transforms is not None:
+            return warp_face(path, raw, self.transforms[index], self.resize)
         reduce = jpeg_reduction(raw, self.resize, self.crop) if raw is not None else 1
         img = load_image(path, reduce, raw)
         if reduce > 1:
@@ -1069,6 +1113,11 @@ class MaskDataset(Dataset):
         target = self.targets[i]
         target = torch.tensor(target) if isinstance(target, tuple) else target
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), target
+
+    def model_input(self, i: int) -> np.ndarray:
+        """Row i's preprocessed pixels (crop and resize, or the face crop) before any augmentation: what a
+        picture of the model's mistakes shows."""
+        return self.store[self.indices[i]]
 
     def labels18(self) -> list[int]:
         return [self.samples[i].label18(self.age_bins) for i in self.indices]

@@ -214,8 +214,7 @@ def parity(run: Callable[[np.ndarray], np.ndarray], members: Sequence[Member], o
     path (its vote, then the offsets)."""
     from inference import vote
 
-    pre = members[0].ckpt["preprocess"]
-    store = data.ImageStore(paths, pre["resize"], pre["crop"])
+    store, _ = data.face_store(list(paths), dict(members[0].ckpt["preprocess"]))
     images = np.stack([store[i] for i in range(len(store))])
     # one image alone, then the rest as one batch: both batch sizes must work
     exported = np.concatenate([run(images[:1]), *([run(images[1:])] if len(images) > 1 else [])])
@@ -273,7 +272,8 @@ def default_out(model_dirs: Sequence[str], members: Sequence[Member], state: str
 
 def check_same_input(members: Sequence[Member]) -> None:
     """One file takes one input: the models must share the size and crop of their images."""
-    inputs = {json.dumps([m.ckpt["preprocess"]["resize"], m.ckpt["preprocess"].get("crop")]) for m in members}
+    inputs = {json.dumps([m.ckpt["preprocess"]["resize"], m.ckpt["preprocess"].get("crop"),
+                          m.ckpt["preprocess"].get("face")]) for m in members}
     if len(inputs) > 1:
         raise ExportError("the models take different inputs (" + ", ".join(
             f"{m.path}: {describe_size(m.ckpt)}" for m in members) + "); export them one at a time")
@@ -282,7 +282,10 @@ def check_same_input(members: Sequence[Member]) -> None:
 def describe_size(ckpt: dict) -> str:
     pre = ckpt["preprocess"]
     h, w = pre["resize"]
-    crop = pre.get("crop")
+    crop, face = pre.get("crop"), pre.get("face")
+    if face:  # the detector stays outside the file
+        return (f"cut the aligned face crop ({face['geometry']}, {h}x{w}) from each photo with the toolkit's face "
+                f"stage, e.g. dataset.face_store(paths, checkpoint['preprocess'])")
     return (f"crop {crop[0]} {crop[1]}x{crop[2]} (in 384x512-photo pixels), then resize to {h}x{w}"
             if crop else f"resize to {h}x{w} (H x W)")
 

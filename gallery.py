@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class Cell:
     path: str | os.PathLike | None
     caption: str = ""
     highlight: bool = False
+    image: np.ndarray | None = None  # the pixels to show instead of the file (e.g. the face crop a model saw)
 
 
 @dataclass
@@ -57,6 +58,13 @@ def thumbnail(path: str | os.PathLike | None, size: tuple[int, int] = THUMB) -> 
         img = load_image(path, jpeg_reduction(path, size))
     except Exception:  # a bad image in a picture for people must not stop training or an audit
         return None
+    return letterbox(img, size)
+
+
+def letterbox(img: np.ndarray, size: tuple[int, int] = THUMB) -> np.ndarray:
+    """RGB uint8 `img` shrunk to fit `size` (H, W), centred on white."""
+    import cv2
+
     h, w = img.shape[:2]
     scale = min(size[0] / h, size[1] / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -100,7 +108,7 @@ def render(rows: Sequence[SheetRow], title: str = "", thumb: tuple[int, int] = T
         texts.append((4, y0 + 2, row.title, "la", (0, 0, 0), True))
         for c, cell in enumerate(row.cells):
             x, y = c * CELL_W + (CELL_W - thumb[1]) // 2, y0 + TITLE_H
-            img = thumbnail(cell.path, thumb)
+            img = letterbox(cell.image, thumb) if cell.image is not None else thumbnail(cell.path, thumb)
             if img is None:
                 canvas[y:y + thumb[0], x:x + thumb[1]] = 200
                 texts.append((x + thumb[1] / 2, y + thumb[0] / 2, "missing", "mm", (0, 0, 0), False))
@@ -141,10 +149,12 @@ def save_sheet(path: str | os.PathLike, rows: Sequence[SheetRow], title: str = "
 
 # --------------------------------------------------------------------------- the error gallery
 def error_rows(paths: Sequence[str], truth: np.ndarray, pred: np.ndarray, probs: np.ndarray, names: Sequence[str],
-               per_class: int = MAX_PER_CLASS, people: Sequence[str] | None = None) -> list[SheetRow]:
+               per_class: int = MAX_PER_CLASS, people: Sequence[str] | None = None,
+               image_of: Callable[[int], np.ndarray] | None = None) -> list[SheetRow]:
     """Per true class (in class order), its `per_class` most confident mistakes: the predicted class's
     probability, highest first. `people` (optional): each image's person, a third caption line; a row
-    then shows one photo per person, so a mislabeled person does not fill it alone."""
+    then shows one photo per person, so a mislabeled person does not fill it alone. `image_of(i)`
+    (optional): the pixels the model saw for image i (a face stage's crop), shown instead of the file."""
     truth, pred = np.asarray(truth), np.asarray(pred)
     confidence = np.asarray(probs)[np.arange(len(pred)), pred]
     rows = []
@@ -161,17 +171,20 @@ def error_rows(paths: Sequence[str], truth: np.ndarray, pred: np.ndarray, probs:
                 break
         total = int((truth == c).sum())
         cells = [Cell(paths[i], f"-> {names[pred[i]]}\np {confidence[i]:.2f}"
-                      + (f"\n{people[i]}" if people is not None else "")) for i in top]
+                      + (f"\n{people[i]}" if people is not None else ""),
+                      image=image_of(i) if image_of is not None else None) for i in top]
         rows.append(SheetRow(f"true {name}: {len(wrong)} of {total} wrong", cells))
     return rows
 
 
 def save_error_gallery(path: str | os.PathLike, paths: Sequence[str], truth: np.ndarray, pred: np.ndarray,
                        probs: np.ndarray, task: str, age_bins: Sequence[int], title: str = "",
-                       people: Sequence[str] | None = None, per_class: int = MAX_PER_CLASS) -> np.ndarray:
-    """errors.png: for each class, its most confident mistakes (photo, predicted class, probability)."""
+                       people: Sequence[str] | None = None, per_class: int = MAX_PER_CLASS,
+                       image_of: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+    """errors.png: for each class, its most confident mistakes (photo or `image_of(i)`, predicted class,
+    probability)."""
     names = class_names(task, age_bins)
-    rows = error_rows(paths, truth, pred, probs, names, per_class, people)
+    rows = error_rows(paths, truth, pred, probs, names, per_class, people, image_of)
     n_wrong = int((np.asarray(truth) != np.asarray(pred)).sum())
     head = f"{title + ': ' if title else ''}most confident mistakes per true class ({n_wrong} of {len(truth)} wrong)"
     return save_sheet(path, rows, head)

@@ -16,6 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,7 @@ import torch
 
 import cli
 import dataset as data
+import faces
 from checkpoint import (CheckpointError, build_model, check_state_name, decision_age_cuts, expand_runs,
                         load_checkpoint, resolve_state_path)
 from fileio import atomic_write_text
@@ -78,17 +80,22 @@ def prepare_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
 
 def predict_probs(ckpt: dict, paths: list[str], batch_size: int = 256, num_workers: int = 0, tta: str = "none",
                   device: torch.device | None = None, cache_dir: str | None = None, progress: bool = True,
-                  model: torch.nn.Module | None = None) -> np.ndarray:
+                  model: torch.nn.Module | None = None, face_run: faces.FaceRun | None = None) -> np.ndarray:
     """Class probabilities [N, classes] for images, preprocessed exactly as in training
-    (uint8 pipeline, normalised on the device), in eval mode under inference_mode. `model`: the
-    checkpoint's network from `prepare_model` (built here when not given)."""
+    (uint8 pipeline, normalised on the device; a face stage's crops where the checkpoint has one), in eval
+    mode under inference_mode. `model`: the checkpoint's network from `prepare_model` (built here when not
+    given). `face_run`: shares detections between the models of a vote and collects what the face stage
+    found (the detections are cached on disk beside the image cache, `cache_dir`)."""
     device = device or torch.device("cpu")
     cuda = device.type == "cuda"
     pre = ckpt["preprocess"]
     task, age_cuts = task_of(ckpt), decision_age_cuts(ckpt)
     model = model if model is not None else prepare_model(ckpt, device)
     transform = data.BatchTransform(pre["mean"], pre["std"], channels_last=True)
-    store = data.ImageStore(paths, pre["resize"], pre["crop"], cache_dir)
+    face_run = face_run if face_run is not None else faces.FaceRun(cache_dir)
+    store, located = data.face_store(paths, dict(pre), cache_dir, face_run)
+    if located is not None and progress:
+        print(located.summary())
     loader = data.make_loader(data.TestDataset(store), batch_size, num_workers=num_workers, pin_memory=cuda)
     batches = loader
     if progress and sys.stderr.isatty():
@@ -139,14 +146,17 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def write_outputs(info: pd.DataFrame, probs: np.ndarray, pred: np.ndarray, out_dir: Path, stem: str = "output",
-                  classes: list[str] | None = None) -> Path:
-    """`<stem>.csv` (ImageID,ans in info.csv order) and `<stem>_probs.csv` (one column per class)."""
+                  face: Sequence[str] | None = None) -> Path:
+    """`<stem>.csv` (ImageID,ans in info.csv order) and `<stem>_probs.csv` (one column per class, and with a face
+    stage a column `face`: where each photo's crop came from, `detected` or `fallback`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     submission = info[["ImageID"]].copy()
     submission["ans"] = pred.astype(int)
     write_csv(submission, out_dir / f"{stem}.csv")
     prob_frame = pd.DataFrame(probs, columns=[f"p{i}" for i in range(probs.shape[1])])
     prob_frame.insert(0, "ImageID", info["ImageID"].values)
+    if face is not None:
+        prob_frame.insert(1, "face", list(face))
     write_csv(prob_frame, out_dir / f"{stem}_probs.csv")
     return out_dir / f"{stem}.csv"
 
@@ -283,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [f"{reason}: {p}" for p in paths if (reason := data.check_image(p))]
     if bad:  # every listed image needs a prediction: name them all before any work
         raise InferenceError(data.listed_images_error(bad, len(paths)))
+    face_run = faces.FaceRun(args.cache_dir)
     run = dict(batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta, device=device,
-               cache_dir=args.cache_dir)
+               cache_dir=args.cache_dir, face_run=face_run)
     models = [args.mask_model_dir, args.genderage_model_dir] if args.isEnsemble else args.model_dir
 
     def training_run(client) -> str:  # --run_id checkpoint
@@ -299,20 +310,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.isEnsemble:
             p_mask, p_ga, probs = mask_genderage_pair(args.mask_model_dir, args.genderage_model_dir, args.state, paths,
                                                       **run)
-            write_outputs(info, p_mask, p_mask.argmax(1), out_dir, ENSEMBLE_STEMS[0])
-            write_outputs(info, p_ga, p_ga.argmax(1), out_dir, ENSEMBLE_STEMS[1])
+            write_outputs(info, p_mask, p_mask.argmax(1), out_dir, ENSEMBLE_STEMS[0], face_run.sources())
+            write_outputs(info, p_ga, p_ga.argmax(1), out_dir, ENSEMBLE_STEMS[1], face_run.sources())
             pred = probs.argmax(1)
-            write_outputs(info, probs, pred, out_dir, ENSEMBLE_STEMS[2])
+            write_outputs(info, probs, pred, out_dir, ENSEMBLE_STEMS[2], face_run.sources())
         else:
             probs, pred, _, _ = vote(members, paths, args.offsets, how=args.vote, **run)
             stale = [f"{stem}.csv" for stem in ENSEMBLE_STEMS if (out_dir / f"{stem}.csv").exists()]
             if stale:  # left by an earlier --isEnsemble run into this folder: not this run's answers
                 print(f"note: {out_dir} also holds {', '.join(stale)} from an earlier --isEnsemble run; "
                       f"this run's answers are output.csv")
-        written = write_outputs(info, probs, pred, out_dir, "output")
+        written = write_outputs(info, probs, pred, out_dir, "output", face_run.sources())
         print(class_count_summary(pred, probs.shape[1]))
         print(f"wrote {written} and {written.with_name(written.stem + '_probs.csv')}")
-        tracker.log_metrics({"inference_images": len(pred),
+        face_counts = {f"inference_face_{k}": v for k, v in face_run.located[0].counts().items()} if face_run.located else {}
+        tracker.log_metrics({"inference_images": len(pred), **face_counts,
                              **class_metrics("inference_predicted", np.bincount(pred, minlength=probs.shape[1]))},
                             step=0)
     return 0

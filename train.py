@@ -35,6 +35,7 @@ from torch import nn
 
 import cli
 import dataset as data
+import faces
 from checkpoint import (CheckpointSaver, build_metadata, check_resumable, cross_validation_config, load_resumable,
                         present_checkpoints)
 from cli import UsageError, optional_bool, str2bool
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-head: train the age head on each age spread over neighbouring years by a Gaussian of "
                         "this many years (a label distribution: age 29 trains partly on 30-59); 0 = hard labels")
     g.add_argument("--augmentation", default="BaseAugmentation", help=f"one of {', '.join(data.AUGMENTATIONS)}")
+    g.add_argument("--face_crop", default="none", choices=list(faces.FACE_CROPS),
+                   help="photos of a person -> aligned face crops before anything else: chip (dlib's face chip, "
+                        "DlibFaceResNet's own input), wide (the same alignment with more margin, for CNNs), none "
+                        "(default: the whole photo). The face is found by MTCNN (weights from facenet-pytorch); its "
+                        "landmarks are cached beside the image cache; a training photo without a face takes its "
+                        "sitting's, others a fallback crop. Recorded in the checkpoint: prediction crops alike "
+                        "(docs/face-stage.md)")
     g.add_argument("--resize", nargs="+", type=int, default=None, metavar="H W",
                    help="input height and width, e.g. 224 224 (default: the model's documented size)")
     g.add_argument("--age_bins", nargs="+", type=int, default=list(data.DEFAULT_AGE_BINS), metavar="A B",
@@ -354,9 +362,19 @@ class Settings:
     mean: tuple = ()
     std: tuple = ()
     run_dir: str | None = None
+    face: dict | None = None  # the face stage's settings (faces.FaceSettings), with its learnt fallback
+    crop: tuple | None = None  # the augmentation's frame crop
+
+    @property
+    def preprocess(self) -> dict:
+        """What the checkpoint's `preprocess` records; `data.face_store` fills in the face stage's fallback."""
+        if not hasattr(self, "_preprocess"):
+            self._preprocess = {"resize": self.resize, "crop": self.crop, "mean": self.mean, "std": self.std,
+                                "face": self.face}
+        return self._preprocess
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in vars(self).items() if k != "task"}
+        out = {k: v for k, v in vars(self).items() if k != "task" and not k.startswith("_")}
         out.update(task=self.task.name, age_head=self.task.age_head, age_sigma=self.task.age_sigma, world_size=self.world)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if k != "world"}
 
@@ -379,8 +397,12 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
             check_pretrained(args.model)  # offline without cached weights: fail now, not after data setup
     except (ValueError, PretrainedUnavailable) as e:
         raise UsageError(str(e)) from None
-    if augmentation.crop and min(augmentation.crop) < 1:
+    if augmentation.crop and min(augmentation.crop[1:]) < 1:  # (mode, height, width)
         raise UsageError(f"--augmentation {args.augmentation} has an empty crop")
+    if augmentation.crop and args.face_crop != "none":
+        raise UsageError(f"--face_crop {args.face_crop} cuts the face from the photo, --augmentation {args.augmentation} "
+                         f"crops the photo's frame ({augmentation.crop[0]} {augmentation.crop[1]}x{augmentation.crop[2]}): "
+                         f"choose one (e.g. --augmentation FastAugmentation)")
     age_bins = tuple(args.age_bins)
     if args.amp and (note := slow_amp_warning(device)):
         log(f"warning: --amp True: {note}")
@@ -394,7 +416,8 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
                     reuse_memory=default_reuse_memory(device) if args.reuse_memory is None else args.reuse_memory,
                     num_workers=workers, model_options=model_options, data_dir=args.data_dir or str(DEMO_DIR / "train"),
                     world=world, global_batch=args.batch_size * world * args.accum_steps,
-                    mean=tuple(info.mean), std=tuple(info.std))
+                    mean=tuple(info.mean), std=tuple(info.std), crop=augmentation.crop,
+                    face=faces.FaceSettings(args.face_crop).to_dict() if args.face_crop != "none" else None)
 
 
 # --------------------------------------------------------------------------- process helpers
@@ -523,6 +546,7 @@ class Data:
     val_order: list[int]  # this rank's validation rows, in loader order
     augmentation: Any
     label_overrides: list[dict] = field(default_factory=list)  # applied by discover; stored in the checkpoints
+    located: Any = None  # faces.Located of every sample, with a face stage
 
 
 def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin_memory: bool) -> Data:
@@ -539,8 +563,15 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     log(f"split: {len(train_idx)} train / {len(val_idx)} validation images "
         f"({len({samples[i].person for i in train_idx})} / {len({samples[i].person for i in val_idx})} people)")
     augmentation = data.create_augmentation(args.augmentation)
-    store = data.ImageStore([x.path for x in samples], s.resize, augmentation.crop,
-                            (args.cache_dir or data.default_cache_dir()) if args.cache else None)
+    cache_dir = args.cache_dir or data.default_cache_dir()
+    train_people = {samples[i].person for i in train_idx}
+    # Only training photos lean on their sitting: validation photos stand alone, as at prediction.
+    store, located = data.face_store(
+        [x.path for x in samples], s.preprocess, cache_dir if args.cache else None, faces.FaceRun(cache_dir),
+        groups=[x.person if x.person in train_people else None for x in samples],
+        progress=lambda items: progress(items, "face stage"))
+    if located is not None:
+        log(located.summary())
     if args.cache:
         log(f"image cache: {'warm, no decoding' if store.is_complete() else 'cold, filled during the first epoch'} "
             f"({store.cache_files[0]})")
@@ -559,7 +590,7 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     val_loader = data.make_loader(val_set, args.valid_batch_size, sampler=val_order, num_workers=s.num_workers,
                                   pin_memory=pin_memory, seed=args.seed + rank) if val_idx else None
     return Data(samples, store, train_set, val_set, train_loader, val_loader, sampler, val_order, augmentation,
-                overrides.records() if overrides else [])
+                overrides.records() if overrides else [], located)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -809,10 +840,10 @@ def report_validation(val: Validation, truth: np.ndarray, task: Task, age_bins, 
 
 
 def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, val_set, task: Task, age_bins,
-                             tracker, writer=None, epoch: int = 0) -> None:
+                             tracker, writer=None, epoch: int = 0, face_crops: bool = False) -> None:
     """For the best-F1 epoch: confusion matrix, per-class CSV, the error gallery (errors.png, also to
-    TensorBoard via `writer`) and the out-of-fold material that calibrate.py (decision rule) and
-    audit.py (label audit) read."""
+    TensorBoard via `writer`; with `face_crops` it shows the crops the model saw) and the out-of-fold
+    material that calibrate.py (decision rule) and audit.py (label audit) read."""
     from gallery import save_error_gallery
     from metrics import save_confusion_matrix_png, write_per_class_csv
 
@@ -828,7 +859,7 @@ def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, 
     atomic_write_text(run_dir / "val_samples.csv", table.getvalue())
     pixels = save_error_gallery(run_dir / "errors.png", [r.path for r in rows], truth, val.pred, val.probs,
                                 task.report_task, age_bins, title=f"{run_dir.name} epoch {epoch + 1}",
-                                people=[r.person for r in rows])
+                                people=[r.person for r in rows], image_of=val_set.model_input if face_crops else None)
     if writer is not None:
         writer.add_image("errors", pixels, epoch, dataformats="HWC")
     for name in ("confusion_matrix.png", "per_class.csv", "errors.png"):
@@ -894,7 +925,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         from model import reuse_freed_memory
         s.reuse_memory = reuse_freed_memory()
     if resumed:
-        check_resumable(resumed, args.model, s.model_options, s.task, s.resize, args.resume)
+        check_resumable(resumed, args.model, s.model_options, s.task, s.resize, args.resume, args.face_crop)
         if resumed["epoch"] + 1 >= args.epochs and parent is None:  # nothing to train: leave the run as it is
             raise UsageError(f"nothing to resume: {args.resume} holds epoch {resumed['epoch'] + 1} of "
                              f"{args.epochs} (--epochs); give a larger --epochs to train on")
@@ -908,6 +939,9 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         with tracker:
             seed_everything(args.seed + rank)  # distinct dropout/mixup draws per process; data order is seeded apart
             d = build_data(args, s, rank, world, pin_memory=device.type == "cuda")
+            if d.located is not None and is_main():
+                tracker.log_metrics({**{f"face_{k}": v for k, v in d.located.counts().items()},
+                                     "face_seconds": d.located.seconds}, step=0)
             if not args.resume:  # the folder is made once the data is known to be usable
                 run_dir = Path(broadcast(str(unique_dir(args.model_dir, run_dir.name)) if is_main() else None, world))
             s.run_dir = str(run_dir)
@@ -925,7 +959,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 log(f"resuming from {args.resume} at epoch {saved_epoch + 2}")
             saver = CheckpointSaver(run_dir, build_metadata(
                 args.model, s.model_options, task, s.age_bins,
-                {"resize": s.resize, "crop": d.augmentation.crop, "mean": s.mean, "std": s.std},
+                s.preprocess,
                 args=vars(args), resolved=s.to_dict(), age_cuts=s.score_age_bins, label_overrides=d.label_overrides))
             eval_model = opt.ema.module if opt.ema is not None else model
             if is_main():
@@ -963,7 +997,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                         if is_main() and best["improved_f1"]:
                             saver.save("best_f1.pth", eval_model.state_dict(), epoch, metrics)
                             write_validation_outputs(run_dir, val, truth, d.val_set, task, s.score_age_bins, tracker,
-                                                     writer, epoch)
+                                                     writer, epoch, face_crops=d.located is not None)
                         if opt.scheduler is not None and not opt.per_step_scheduler:
                             opt.scheduler.step(metrics["val_f1"])
                     if is_main():

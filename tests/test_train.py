@@ -565,3 +565,9 @@ def test_vit_trains_and_predicts_at_a_non_default_size(tiny_train_args, demo_roo
     with pytest.raises(train.UsageError, match="square"):
         train.main(["--model", "ViTPretrainedFreeze", "--pretrained", "False", "--resize", "32", "48",
                     "--data_dir", str(demo_root / "train"), "--model_dir", str(tmp_path / "m"), "--tracking_uri", "none"])
+
+
+def test_an_augmentation_that_crops_the_frame_trains_and_records_its_crop(tiny_train):
+    # its crop is (mode, height, width): the empty-crop check once compared the mode with a number
+    run, _ = tiny_train("--augmentation", "MyAugmentationCenter", "--epochs", "1")
+    assert load_checkpoint(run / "best_f1.pth")["preprocess"]["crop"] == ["center", 256, 256]
