@@ -46,7 +46,8 @@ import numpy as np
 
 import cli
 import dataset as data
-from checkpoint import CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path, run_folder
+from checkpoint import (CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path, run_folder,
+                        validation_samples)
 from fileio import atomic_write_text, check_apart, replace_folder
 from task import (AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, join_labels,
                   split_labels, split_probs, task_of)
@@ -111,8 +112,10 @@ def read_run(run: Path) -> tuple[dict, dict]:
         raise AuditError(f"no out-of-fold predictions ({', '.join(missing)} missing) in {run}; train with a "
                          "validation split, best with --kfold K --fold all")
     ckpt = load_checkpoint(resolve_state_path(run, "best_f1"))
-    with open(run / "val_samples.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        rows = validation_samples(run, ckpt)
+    except CheckpointError as e:
+        raise AuditError(str(e)) from None
     if not rows or not {"path", "person", "kind", "age"} <= set(rows[0]):
         raise AuditError(f"val_samples.csv lacks path,person,kind,age rows: {run / 'val_samples.csv'}")
     out = {"probs": load_array(run / "val_probs.npy", ndim=2), "labels": load_array(run / "val_labels.npy", ndim=1),

@@ -12,7 +12,7 @@ Format `mask-toolkit/1` (a dict):
     state_dict, epoch (0-based index of the last completed epoch, as PyTorch schedulers count),
     epoch_number (the same epoch as the console printed it: epoch + 1), metrics;
     last.pth adds what --resume needs (state_dict_train, optimizer, scheduler, scaler, ema, rng,
-    best, tracking).
+    best, tracking, split: the training and validation images as person/file, compared on resume).
 `build_metadata` makes the descriptive part, `CheckpointSaver` writes every file of a run,
 `load_checkpoint` reads and checks one, `set_decision` updates the decision rule in place.
 `run_folder` and `load_array` check a run folder and read the arrays train.py leaves beside its
@@ -20,6 +20,7 @@ checkpoints (val_probs.npy, val_labels.npy, val_logits.npy); every error names t
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -33,12 +34,12 @@ import torch
 from torch import nn
 
 from cli import ToolkitError
-from fileio import atomic_write_bytes
+from fileio import atomic_write_bytes, within
 from task import Task, task_of
 
 FORMAT = "mask-toolkit/1"
 STATE_FILES = ("best.pth", "best_f1.pth", "last.pth")
-RESUME_KEYS = ("state_dict_train", "optimizer", "scheduler", "scaler", "ema", "rng", "best", "tracking")
+RESUME_KEYS = ("state_dict_train", "optimizer", "scheduler", "scaler", "ema", "rng", "best", "tracking", "split")
 
 
 class CheckpointError(ToolkitError, ValueError):
@@ -110,6 +111,27 @@ def run_folder(path: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"not a run folder (a file; give the folder train.py wrote, e.g. {path.parent}): {path}")
     raise CheckpointError(f"run folder not found: {path}")
+
+
+VALIDATION_SAMPLES = "val_samples.csv"  # which image each validation row is: path, person, kind, age
+
+
+def validation_samples(run: str | os.PathLike, ckpt: dict) -> list[dict]:
+    """The rows of a run's val_samples.csv ([] when it has none), each path checked to lie inside the
+    training data the checkpoint records (`resolved.data_dir`) before anything opens it: the file is
+    text anyone can edit or send, and must not steer reads elsewhere. CheckpointError names the line."""
+    path = Path(run) / VALIDATION_SAMPLES
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    root = (ckpt.get("resolved") or {}).get("data_dir")
+    for line, row in enumerate(rows, start=2):
+        image = row.get("path") or ""
+        if image and (root is None or not within(root, image)):
+            raise CheckpointError(f"{path} line {line}: {image!r} lies outside the training data the run records "
+                                  f"({root or 'none recorded'}); its rows must name the run's own images")
+    return rows
 
 
 def load_array(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import faces
 from cli import ToolkitError, examples
-from fileio import atomic_write_text
+from fileio import atomic_write_text, path_escape
 from task import (DEFAULT_AGE_BINS, GENDER_NAMES, NUM_CLASSES, TASK_CLASSES, age_label,  # noqa: F401 (re-exported)
                   decode_class, encode_class, task_target)
 
@@ -1173,6 +1173,13 @@ def read_eval_info(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]
     if repeated:  # output.csv would repeat them too, which evaluation.py rejects
         raise DataError(f"info.csv lists {len(repeated)} ImageID(s) more than once "
                         f"({examples([repr(i) for i in repeated])}): {info_path}")
+    escaping = [(row, image_id, reason) for row, image_id in enumerate(info["ImageID"], start=2)
+                if (reason := path_escape(image_id))]
+    if escaping:  # an info.csv comes from someone else: it must not steer reads outside its images/
+        row, image_id, reason = escaping[0]
+        more = f" (and {len(escaping) - 1} more row(s))" if len(escaping) > 1 else ""
+        raise DataError(f"info.csv line {row}: ImageID {image_id!r} is {reason}, outside {root / 'images'}{more}; "
+                        f"ImageIDs name files inside images/: {info_path}")
     paths = [listed_path(root / "images", image_id) for image_id in info["ImageID"]]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:

@@ -34,6 +34,7 @@ import numpy as np
 
 import cli
 import metrics
+from fileio import path_escape
 from task import NUM_CLASSES
 from tracking import add_tracking_flags, class_metrics, step_tracker
 
@@ -185,6 +186,10 @@ def error_gallery(images: str, pred: Path, probs_file: str | None, out: str | No
     """errors.png: per true class, the most confident mistakes (gallery.py); returns where it went."""
     from gallery import error_rows, save_error_gallery
 
+    escaping = [(i, reason) for i in ids if (reason := path_escape(i))]
+    if escaping:  # ImageIDs come from the prediction and gt files: they must not reach outside --images
+        raise EvaluationError(f"ImageID {escaping[0][0]!r} is {escaping[0][1]}, outside the images folder "
+                              f"({len(escaping)} such ImageID(s)); ImageIDs name files inside it", pred)
     root = Path(images)
     if not root.is_dir():
         raise EvaluationError("--images is not a folder", images)

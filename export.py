@@ -41,7 +41,7 @@ from torch import nn
 
 import cli
 import dataset as data
-from checkpoint import build_model, check_state_name, decision_age_cuts, state_file
+from checkpoint import build_model, check_state_name, decision_age_cuts, state_file, validation_samples
 from inference import Member, ensemble_offsets, load_members
 from fileio import atomic_write, atomic_write_bytes
 from task import PROB_FLOOR, Task, apply_offsets, task_of
@@ -176,13 +176,10 @@ def load_exported(path: str | os.PathLike, fmt: str) -> Callable[[np.ndarray], n
 
 
 # --------------------------------------------------------------------------- the self-check
-def sample_paths(run_dir: Path, n: int) -> list[str]:
-    """Up to n of the run's validation images (val_samples.csv), spread over the list; [] if none are there."""
-    listing = run_dir / "val_samples.csv"
-    if not listing.is_file():
-        return []
-    with listing.open(newline="") as f:
-        paths = [row["path"] for row in csv.DictReader(f) if row.get("path")]
+def sample_paths(run_dir: Path, ckpt: dict, n: int) -> list[str]:
+    """Up to n of the run's validation images (val_samples.csv, its paths checked to stay inside the run's
+    training data), spread over the list; [] if none are there."""
+    paths = [row["path"] for row in validation_samples(run_dir, ckpt) if row.get("path")]
     paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
         return []
@@ -325,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ExportError(f"cannot export {ckpt['model']['name']} to {args.format} "
                           f"({e.__class__.__name__}: {line}): {members[0].path}") from None
 
-    listed = next((found for m in members if (found := sample_paths(m.path.parent, args.check_images))), [])
+    listed = next((found for m in members if (found := sample_paths(m.path.parent, m.ckpt, args.check_images))), [])
     with tempfile.TemporaryDirectory() as scratch:
         paths = listed or write_synthetic_images(Path(scratch), args.check_images)
         what = "validation images (val_samples.csv)" if listed else "synthetic images"

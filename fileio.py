@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -126,6 +127,43 @@ def check_apart(out: PathLike, inputs: Iterable[PathLike], flag: str = "--out") 
             continue
         raise ToolkitError(f"{flag} {out} {relation} the data it reads ({source}); "
                            f"choose a folder outside the data")
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")  # C:\\x or C:x: a Windows drive, whatever the host
+
+
+def path_escape(text: str) -> str | None:
+    """Why a relative path read from a file (an ImageID, a listed image) would leave the folder it is
+    read against, or None when it stays inside: an absolute path, a drive letter, a UNC name, or a `..`
+    segment (either slash). Judged on the text alone, before anything is opened, so a link the folder's
+    owner put inside the folder stays theirs to use."""
+    if not text:
+        return "an empty path"
+    if text.startswith(("/", "\\")) or os.path.isabs(text):
+        return "an absolute path"
+    if _DRIVE.match(text):
+        return "a drive letter"
+    if ".." in re.split(r"[\\/]+", text):
+        return "a '..' segment"
+    return None
+
+
+def inside(root: PathLike, text: str, where: str) -> Path:
+    """`root / text` for a relative path read from a file; ToolkitError naming `where` (the file and row)
+    when the text would leave `root` (`path_escape`)."""
+    reason = path_escape(text)
+    if reason:
+        raise ToolkitError(f"{where}: {text!r} is {reason}, outside {root}; paths in this file must stay inside "
+                           f"the folder it describes")
+    return Path(root) / text
+
+
+def within(root: PathLike, path: PathLike) -> bool:
+    """Whether `path` (as a run's val_samples.csv records its images) lies inside `root`, judged on the
+    normalised text (both made absolute from the same folder): `..` cannot climb out, and links inside
+    `root` are the owner's to use."""
+    root_text, path_text = os.path.normpath(os.path.abspath(root)), os.path.normpath(os.path.abspath(path))
+    return path_text == root_text or path_text.startswith(root_text.rstrip(os.sep) + os.sep)
 
 
 def _make_dir(parent: Path, prefix: str) -> Path:

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 import cli
-from checkpoint import RESUME_KEYS, atomic_save, expand_runs, load_checkpoint, run_folder
+from checkpoint import RESUME_KEYS, atomic_save, expand_runs, load_checkpoint, run_folder, validation_samples
 from faces import FaceRun
 
 ROOT = Path(__file__).resolve().parent
@@ -161,11 +161,9 @@ def _stage(path: Path, folder: Path) -> Path:
 def input_example(run: Path, ckpt: dict) -> pd.DataFrame:
     """One real image: the run's first validation image (val_samples.csv), else a grey one at the
     checkpoint's input size."""
-    samples = run / "val_samples.csv"
-    if samples.is_file():
-        paths = pd.read_csv(samples)["path"]
-        if len(paths) and Path(paths[0]).is_file() and Path(paths[0]).stat().st_size <= MAX_EXAMPLE_BYTES:
-            return pd.DataFrame({IMAGE_COLUMN: [Path(paths[0]).read_bytes()]})
+    paths = [row["path"] for row in validation_samples(run, ckpt) if row.get("path")]
+    if paths and Path(paths[0]).is_file() and Path(paths[0]).stat().st_size <= MAX_EXAMPLE_BYTES:
+        return pd.DataFrame({IMAGE_COLUMN: [Path(paths[0]).read_bytes()]})
     import cv2
 
     height, width = ckpt["preprocess"]["resize"]

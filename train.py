@@ -547,9 +547,55 @@ class Data:
     augmentation: Any
     label_overrides: list[dict] = field(default_factory=list)  # applied by discover; stored in the checkpoints
     located: Any = None  # faces.Located of every sample, with a face stage
+    split: dict = field(default_factory=dict)  # recorded_split: what --resume compares
 
 
-def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin_memory: bool) -> Data:
+def sample_key(sample) -> str:
+    """How a run records an image of its split: person folder and file name (not the absolute path, so a
+    moved dataset still matches)."""
+    return f"{sample.person}/{Path(sample.path).name}"
+
+
+def recorded_split(samples: list, train_idx: list[int], val_idx: list[int]) -> dict:
+    """What last.pth keeps of the split, for --resume to compare: the training and validation images."""
+    return {"train": sorted(sample_key(samples[i]) for i in train_idx),
+            "val": sorted(sample_key(samples[i]) for i in val_idx)}
+
+
+def _people(keys) -> str:
+    names = sorted({k.split("/", 1)[0] for k in keys})
+    return f"{len(names)} ({cli.examples(names)})"
+
+
+def keep_recorded_split(samples: list, train_idx: list[int], val_idx: list[int], recorded: dict | None,
+                        cross_validation: bool) -> tuple[list[int], list[int]]:
+    """On --resume: the split the run started with, whatever the data holds now. Images gone since are
+    named and dropped; images new since are left out (validation must stay people the model never trained
+    on, and the first epochs never saw them). A --fold all resume on changed data stops: its later folds
+    would be drawn from other people than its earlier ones. A last.pth from before splits were recorded
+    resumes as before."""
+    if recorded is None:
+        return train_idx, val_idx
+    now = {sample_key(x): i for i, x in enumerate(samples)}
+    before = {"train": set(recorded["train"]), "val": set(recorded["val"])}
+    if before["train"] == {sample_key(samples[i]) for i in train_idx} and \
+            before["val"] == {sample_key(samples[i]) for i in val_idx}:
+        return train_idx, val_idx
+    gone = (before["train"] | before["val"]) - set(now)
+    new = set(now) - before["train"] - before["val"]
+    changes = "; ".join(part for part in (f"{len(gone)} image(s) of {_people(gone)} people are gone" if gone else "",
+                                          f"{len(new)} image(s) of {_people(new)} people are new" if new else "")
+                        if part) or "the same images fall otherwise into training and validation"
+    if cross_validation:
+        raise UsageError(f"the data changed since this cross-validation started ({changes}): its remaining folds "
+                         f"would split other people; start it over without --resume (a new --name)")
+    log(f"warning: the data changed since this run started ({changes}); keeping the run's recorded split: "
+        f"gone images dropped, new ones left out of training and validation")
+    return ([now[k] for k in sorted(before["train"] & set(now))], [now[k] for k in sorted(before["val"] & set(now))])
+
+
+def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin_memory: bool,
+               recorded: dict | None = None, cross_validation: bool = False) -> Data:
     overrides = data.read_label_overrides(args.label_overrides) if args.label_overrides else None
     samples = data.discover(s.data_dir, skip_bad_images=args.skip_bad_images, age_bins=s.age_bins, verbose=is_main(),
                             label_overrides=overrides)
@@ -558,8 +604,11 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     else:
         train_idx, val_idx = data.split_indices(samples, args.dataset, args.val_ratio, args.seed, s.score_age_bins,
                                                 args.kfold, args.fold)
-        if not val_idx:
-            raise UsageError("the validation split is empty; raise --val_ratio or use --mode all")
+    train_idx, val_idx = keep_recorded_split(samples, train_idx, val_idx, recorded, cross_validation)
+    if not train_idx:
+        raise UsageError("no training image is left of the run's recorded split")
+    if args.mode != "all" and not val_idx:
+        raise UsageError("the validation split is empty; raise --val_ratio or use --mode all")
     log(f"split: {len(train_idx)} train / {len(val_idx)} validation images "
         f"({len({samples[i].person for i in train_idx})} / {len({samples[i].person for i in val_idx})} people)")
     augmentation = data.create_augmentation(args.augmentation)
@@ -590,7 +639,7 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     val_loader = data.make_loader(val_set, args.valid_batch_size, sampler=val_order, num_workers=s.num_workers,
                                   pin_memory=pin_memory, seed=args.seed + rank) if val_idx else None
     return Data(samples, store, train_set, val_set, train_loader, val_loader, sampler, val_order, augmentation,
-                overrides.records() if overrides else [], located)
+                overrides.records() if overrides else [], located, recorded_split(samples, train_idx, val_idx))
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -938,7 +987,8 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     try:
         with tracker:
             seed_everything(args.seed + rank)  # distinct dropout/mixup draws per process; data order is seeded apart
-            d = build_data(args, s, rank, world, pin_memory=device.type == "cuda")
+            d = build_data(args, s, rank, world, pin_memory=device.type == "cuda",
+                           recorded=resumed.get("split") if resumed else None, cross_validation=parent is not None)
             if d.located is not None and is_main():
                 tracker.log_metrics({**{f"face_{k}": v for k, v in d.located.counts().items()},
                                      "face_seconds": d.located.seconds}, step=0)
@@ -1002,6 +1052,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                             opt.scheduler.step(metrics["val_f1"])
                     if is_main():
                         resume = {**opt.resume_state(), "state_dict_train": model.state_dict(), "rng": rng_state(),
+                                  "split": d.split,
                                   "best": {k: best[k] for k in ("acc", "f1", "epoch", "stale")},
                                   "tracking": {"uri": tracker.uri, "run_id": tracker.run_id,
                                                "parent_run_id": parent.run_id if parent is not None else None}}
