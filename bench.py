@@ -31,16 +31,30 @@ setting (reference_reuse_ips, for comparison); then everything else runs as trai
 ratios are against the first, the original as it was. The setting is process-wide and cannot be
 undone, so compare the toolkit without it by a second run with --reuse_memory False.
 Prints a table, then, as its last line, one JSON object with every number.
+
+    python bench.py --serve model/exp [--clients 8 --seconds 30]   # the served model under load
+
+serves a run's model with `mlflow models serve` on 127.0.0.1 and sends bounded concurrent requests, good
+and bad, checking every answer (requests/s, p50/p99 latency, problems; last line JSON).
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -82,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let malloc keep freed memory for reuse, for the whole run (default: as train.py, on with a "
                         "CPU device)")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("the served model under load (instead of everything above)")
+    g.add_argument("--serve", default=None, metavar="RUN_DIR",
+                   help="log RUN_DIR's model to a temporary MLflow store, serve it with `mlflow models serve` on "
+                        "127.0.0.1 and send --clients concurrent clients for --seconds: requests of --images good "
+                        "photos (its validation images, else generated), requests with a bad image among good ones "
+                        "and requests without the image column; every answer checked; prints requests/s and latency")
+    g.add_argument("--clients", type=int, default=8)
+    g.add_argument("--seconds", type=float, default=30.0)
+    g.add_argument("--images", type=int, default=4, help="photos per request")
     return p
 
 
@@ -433,8 +456,155 @@ def _rounded(value):
     return value
 
 
+# --------------------------------------------------------------------------- the served model under load
+@dataclass
+class Case:
+    """One kind of request and what its answer must be: `status`, and for a 200 the `classes` of its rows,
+    for a 400 a `message` fragment (the row or column at fault)."""
+    name: str
+    payload: dict
+    status: int
+    classes: list[int] | None = None
+    message: str = ""
+
+    def problem(self, status: int, body: dict) -> str | None:
+        if status != self.status:
+            return f"{self.name}: HTTP {status}, expected {self.status}: {str(body)[:200]}"
+        if self.classes is not None and [row.get("class") for row in body.get("predictions", [])] != self.classes:
+            return f"{self.name}: other classes than inference.py's"
+        if self.message and self.message not in str(body.get("message", "")):
+            return f"{self.name}: the message does not say {self.message!r}: {str(body)[:200]}"
+        return None
+
+
+def post(url: str, payload: dict, timeout: float = 120.0) -> tuple[int, dict]:
+    request = urllib.request.Request(url.rstrip("/") + "/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def serve_cases(paths: Sequence[str], classes: Sequence[int]) -> list[Case]:
+    """Good requests (their classes known), a bad image at row 1 among good ones, no image column."""
+    encoded = [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]
+    garbage = base64.b64encode(b"not an image at all").decode()
+    return [Case("good", {"dataframe_records": [{"image": e} for e in encoded]}, 200, list(map(int, classes))),
+            Case("bad image", {"dataframe_records": [{"image": encoded[0]}, {"image": garbage}]}, 400, message="row 1"),
+            Case("no image column", {"dataframe_records": [{"picture": encoded[0]}]}, 400, message="'image'")]
+
+
+def serve_load(url: str, cases: Sequence[Case], clients: int = 8, seconds: float = 30.0) -> dict:
+    """`clients` threads post the cases in turn (good ones twice as often) until `seconds` have passed: a
+    bounded load on a local server. Returns counts, requests/s, latency percentiles, every problem seen
+    (a wrong answer, a dropped connection) and whether /ping still answers afterwards."""
+    order = [c for c in cases for _ in range(2 if c.status == 200 else 1)]
+    deadline = time.monotonic() + seconds
+    latencies: list[float] = []
+    problems: list[str] = []
+    counts: dict[str, int] = {c.name: 0 for c in cases}
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        i = k
+        while time.monotonic() < deadline:
+            case = order[i % len(order)]
+            i += 1
+            start = time.perf_counter()
+            try:
+                status, body = post(url, case.payload)
+                problem = case.problem(status, body)
+            except (OSError, ValueError) as e:  # refused, reset, timed out, not JSON: a dropped answer
+                problem = f"{case.name}: {e.__class__.__name__}: {e}"
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                counts[case.name] += 1
+                if problem:
+                    problems.append(problem)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/ping", timeout=10) as response:
+            alive = response.status == 200
+    except OSError:
+        alive = False
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(latencies), "by_case": counts,
+            "requests_per_s": round(len(latencies) / elapsed, 2),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+            "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
+            "problems": problems, "alive_after": alive}
+
+
+def serve_bench(args: argparse.Namespace) -> dict:
+    """--serve RUN_DIR: the run's model logged to a temporary sqlite store, served on a free 127.0.0.1 port
+    (its own process group, stopped by its pid), loaded by `serve_load`."""
+    import inference
+    import serving
+    from checkpoint import load_checkpoint, validation_samples
+
+    run_dir = Path(args.serve)
+    ckpt = load_checkpoint(serving.model_checkpoints([run_dir])[0])
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        tmp = Path(tmp)
+        listed = [r["path"] for r in validation_samples(run_dir, ckpt) if os.path.isfile(r.get("path") or "")]
+        paths = listed[:args.images] or make_images(tmp / "images", args.images, seed=args.seed)
+        classes = inference.soft_vote([str(run_dir)], "best_f1", paths, verbose=False, progress=False)[1]
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        with contextlib.redirect_stdout(sys.stderr):
+            model_uri = serving.log_model_for(run_dir, tracking_uri=uri, experiment="bench-serve")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        with open(tmp / "serve.log", "wb") as log:
+            server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                                       "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                      cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise cli.ToolkitError(f"mlflow models serve did not start: {(tmp / 'serve.log').read_text()[-500:]}")
+                try:
+                    with urllib.request.urlopen(url + "/ping", timeout=2):
+                        break
+                except OSError:
+                    time.sleep(0.5)
+            print(f"serving {run_dir} at {url}: {args.clients} clients for {args.seconds:g} s ...", file=sys.stderr)
+            result = serve_load(url, serve_cases(paths, classes), args.clients, args.seconds)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(server.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.wait(timeout=10)
+    result.update(run_dir=str(run_dir), url=url, images_per_request=len(paths), model=ckpt["model"]["name"])
+    print(f"{result['requests']} requests in {result['seconds']} s from {result['clients']} clients "
+          f"({result['by_case']}): {result['requests_per_s']} requests/s, latency p50 {result['p50_ms']} ms, "
+          f"p99 {result['p99_ms']} ms; problems: {len(result['problems'])}; answering afterwards: {result['alive_after']}")
+    for problem in result["problems"][:10]:
+        print(f"  {problem}")
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.serve:
+        cli.positive_int(args.clients, "--clients")
+        cli.positive(args.seconds, "--seconds")
+        cli.positive_int(args.images, "--images")
+        return serve_bench(args)
     # every flag checked before any work, one line each
     cli.non_negative(args.n, "--n")
     if not args.n and not args.data_dir:  # 0 means "all of --data_dir"; there is no "all" to generate

@@ -211,3 +211,20 @@ def test_bench_times_a_frozen_stem_side_by_side(capsys):
     row = next(line for line in out.splitlines() if "--freeze_blocks 2" in line)
     assert "<- default" not in row
     assert bench.FREEZE_VARIANT in json.loads(out.strip().splitlines()[-1])
+
+
+def test_bench_serve_loads_a_served_model_and_checks_every_answer(trained_run, capsys):
+    """--serve: the run's model served on 127.0.0.1 by `mlflow models serve`, bounded concurrent requests,
+    every answer checked against inference.py, the server stopped afterwards."""
+    result = bench.main(["--serve", str(trained_run), "--clients", "2", "--seconds", "3", "--images", "2"])
+    assert result["problems"] == [] and result["alive_after"] and result["requests"] >= 3, result
+    assert set(result["by_case"]) == {"good", "bad image", "no image column"}
+    assert result["p50_ms"] > 0 and result["p99_ms"] >= result["p50_ms"]
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["requests_per_s"] == result["requests_per_s"]
+    import urllib.request  # the server is gone: its port answers nothing now
+    try:
+        urllib.request.urlopen(result["url"] + "/ping", timeout=2)
+        assert False, "the server still answers"
+    except OSError:
+        pass

@@ -422,7 +422,32 @@ def test_served_model_answers_as_inference_py(served, demo_root):
         np.testing.assert_allclose([[r[f"p{c}"] for c in range(18)] for r in rows], probs, atol=1e-5)
     garbage = base64.b64encode(b"not an image").decode()
     status, answer = _post(served["url"], {"dataframe_records": [{"image": encoded[0]}, {"image": garbage}]})
-    assert status == 400 and "row 1" in answer["message"], answer
+    assert status == 400 and answer["message"].startswith("row 1 of column 'image'"), answer
+    assert "\n" not in answer["message"] and encoded[0][:40] not in answer["message"]  # one line, no photo echoed
+
+
+def test_served_model_under_concurrent_load_answers_every_request_right(served, demo_root):
+    """8 clients for 8 s, good requests and bad ones mixed: no dropped or wrong answer, every bad image a
+    400 naming its row, the server still answering afterwards."""
+    import bench
+
+    _wait_ready(served)
+    info, paths = _images(demo_root, 3)
+    expected = pd.read_csv(served["output"] / "output.csv").iloc[:3]["ans"].tolist()
+    result = bench.serve_load(served["url"], bench.serve_cases(paths, expected), clients=8, seconds=8)
+    assert result["problems"] == [] and result["alive_after"], result
+    assert result["by_case"]["good"] >= 2 and result["by_case"]["bad image"] >= 1, result
+    assert result["by_case"]["no image column"] >= 1 and result["requests_per_s"] > 0
+
+
+def test_served_model_without_the_image_column_says_so_in_one_line(served):
+    _wait_ready(served)
+    rows = [{"picture": "x" * 40} for _ in range(50)]
+    status, answer = _post(served["url"], {"dataframe_records": rows})
+    assert status == 400, answer
+    message = answer["message"]
+    assert message.startswith("expected a DataFrame with a column 'image'"), message
+    assert message.count("\n") == 0 and message.count("x" * 40) == 0, message  # not the whole frame, row by row
 
 
 def test_logged_model_needs_architectures_not_imagenet_weight_packages(tmp_path, monkeypatch):
