@@ -7,7 +7,10 @@
 # SEED=N (default 0) changes the initialisation of the new heads and the data order;
 # MODELS=face (default) trains `face`: dlib's face-recognition network (DlibFaceResNet, pretrained on faces),
 # its last two stages fine-tuned with three new heads, 6 epochs with flips, shifts/scales and colour jitter:
-# a few minutes on 2 cores, and at least as good on new people as the earlier two-model vote (README).
+# a few minutes on 2 cores, for photos that are aligned face crops already (as realface's).
+# MODELS=portrait (recipes/portrait_cpu.sh) trains the same model on the face stage's aligned chip of each
+# photo (--face_crop chip): for whole photos of a person, as the competition's 384x512 portraits
+# (docs/face-stage.md).
 # Several names train several models and predict with their geometric soft vote: `fastaug` is
 # EfficientNet-Lite0 with flip + shift/scale + colour jitter, dropout and stochastic depth, and `faceprobe` the
 # face network frozen, linear heads only (the earlier default, MODELS="fastaug faceprobe"). A name given twice trains that model again with
@@ -22,7 +25,7 @@ OUT=${3:?usage: $0 TRAIN_DIR EVAL_DIR OUT_DIR}
 SEED=${SEED:-0}
 MODELS=${MODELS:-face}
 VOTE=${VOTE:-geometric}
-KNOWN_MODELS="face flip fastaug fastaug96 erase faceprobe"  # the names flags_of defines, for the error messages
+KNOWN_MODELS="face portrait flip fastaug fastaug96 erase faceprobe"  # the names flags_of defines, for the error messages
 flags_of() {  # the one place a model name is defined: its train.py flags on top of the yaml
   case $1 in
     flip) echo --augmentation FlipAugmentation ;;
@@ -31,6 +34,8 @@ flags_of() {  # the one place a model name is defined: its train.py flags on top
     erase) echo --augmentation ErasingAugmentation --dropout 0.2 --drop_path 0.2 ;;
     face) echo --model DlibFaceResNet --resize 150 150 --freeze_blocks 3 --augmentation FastAugmentation \
                --lr 0.001 --epochs 6 ;;  # stem + first three stages frozen, the last two and the heads learn
+    portrait) echo --model DlibFaceResNet --resize 150 150 --freeze_blocks 3 --augmentation FastAugmentation \
+               --lr 0.001 --epochs 6 --face_crop chip ;;  # `face` on dlib's aligned face chip of each photo
     faceprobe) echo --model DlibFaceResNet --resize 150 150 --freeze_blocks 5 --augmentation FlipAugmentation \
                --lr 0.01 --epochs 3 ;;  # frozen up to its 128-d descriptor: 3 forward-only epochs
     *) echo "error: MODELS: unknown model '$1' (known: $KNOWN_MODELS)" >&2; return 2 ;;

@@ -17,7 +17,7 @@ import torch
 import audit
 import cli
 import dataset as data
-from checkpoint import atomic_save, build_metadata
+from checkpoint import atomic_save, build_metadata, load_checkpoint
 from task import AGE_THRESHOLDS, get_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -204,6 +204,10 @@ def test_moved_photos_warn_once_and_the_csv_is_still_written(planted, demo_root,
     assert "warning" not in capsys.readouterr().err  # photos in place: nothing to say
     samples = run / "val_samples.csv"
     samples.write_text(samples.read_text().replace(str(demo_root), str(tmp_path / "moved")))
+    # the run trained on data at a folder that is gone now (its rows must lie inside the data it records)
+    ckpt = load_checkpoint(run / "best_f1.pth")
+    ckpt["resolved"]["data_dir"] = ckpt["resolved"]["data_dir"].replace(str(demo_root), str(tmp_path / "moved"))
+    atomic_save(ckpt, run / "best_f1.pth")
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli.call(lambda: audit.main(["--runs", str(run), "--out", str(tmp_path / "after")])) == 0
     err = capsys.readouterr().err.splitlines()

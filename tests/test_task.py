@@ -300,7 +300,7 @@ def test_recipe_config_files_are_valid_train_configs():
         assert args.model == yaml.safe_load(config.read_text())["model"]
 
 
-KNOWN_RECIPE_MODELS = "face flip fastaug fastaug96 erase faceprobe"
+KNOWN_RECIPE_MODELS = "face portrait flip fastaug fastaug96 erase faceprobe"
 
 
 @pytest.mark.parametrize("models, message", [("flip bogus", f"unknown model 'bogus' (known: {KNOWN_RECIPE_MODELS})"),
@@ -346,8 +346,8 @@ def test_realface_recipe_default_fine_tunes_the_face_network(tmp_path):
     argv = trains[0][1:]
     argv[argv.index("--config") + 1] = str(ROOT / flag_value(argv, "--config"))  # the recipe runs from the repo root
     face = train.parse_args(argv)  # what train.py would make of it, yaml included
-    assert (face.model, face.freeze_blocks, face.resize, face.lr, face.epochs, face.augmentation) == (
-        "DlibFaceResNet", 3, [150, 150], 0.001, 6, "FastAugmentation")
+    assert (face.model, face.freeze_blocks, face.resize, face.lr, face.epochs, face.augmentation, face.face_crop) == (
+        "DlibFaceResNet", 3, [150, 150], 0.001, 6, "FastAugmentation", "none")
     args = inference.build_parser().parse_args(predict[0][1:])
     assert args.tta == "hflip" and args.state == "last"
     assert args.model_dir == [str(out / "model" / "face")]
