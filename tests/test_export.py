@@ -196,7 +196,8 @@ def test_export_survival_equals_cummin():
 
 def test_synthetic_images_when_the_validation_images_are_gone(trained_run, tmp_path, capsys):
     run = copy_run(trained_run, tmp_path / "run")
-    (run / "val_samples.csv").write_text("path,person,kind,age\n/nowhere/mask1.jpg,p,mask1,30\n")
+    data_dir = load_checkpoint(run / "best_f1.pth")["resolved"]["data_dir"]  # a photo of it, deleted since
+    (run / "val_samples.csv").write_text(f"path,person,kind,age\n{data_dir}/images/gone_p/mask1.jpg,p,mask1,30\n")
     printed = export_run(capsys, "--model_dir", run, "--format", "pt2")
     assert "parity on 6 synthetic images" in printed
 
