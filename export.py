@@ -281,8 +281,8 @@ def describe_size(ckpt: dict) -> str:
     h, w = pre["resize"]
     crop, face = pre.get("crop"), pre.get("face")
     if face:  # the detector stays outside the file
-        return (f"cut the aligned face crop ({face['geometry']}, {h}x{w}) from each photo with the toolkit's face "
-                f"stage, e.g. dataset.face_store(paths, checkpoint['preprocess'])")
+        return (f"cut each photo's aligned face crop ({face['geometry']}, {h}x{w}) with the toolkit's face stage "
+                f"(dataset.face_store(paths, checkpoint['preprocess']), as inference.py does)")
     return (f"crop {crop[0]} {crop[1]}x{crop[2]} (in 384x512-photo pixels), then resize to {h}x{w}"
             if crop else f"resize to {h}x{w} (H x W)")
 
