@@ -452,7 +452,7 @@ class _Detections(torch.utils.data.Dataset):
 
 
 class FaceStage:
-    """Locates the face of every photo (`locate`) and turns a photo into its aligned crop (`crop`)."""
+    """Locates the face of every photo (`locate`): landmarks whose transforms (`Located.transforms`) cut the crops."""
 
     def __init__(self, settings: FaceSettings, device: torch.device | str = "cpu"):
         self.settings = settings
@@ -529,13 +529,3 @@ class FaceStage:
         marks[fallback] = np.asarray(self.settings.fallback)[None] * shape[fallback][:, None, ::-1]
         score = np.where(rows[:, 0] == 1, rows[:, 1], np.nan)
         return Located(marks, source, score, shape, seconds, n_new)
-
-    def crop(self, img: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, str]:
-        """One photo's aligned crop at `size` (H, W) and where its landmarks came from (served models)."""
-        face = self.detect(img)
-        if face is not None and face.score >= self.settings.accept:
-            marks, source = face.landmarks, SOURCES[DETECTED]
-        else:
-            marks = np.asarray(self.settings.fallback) * (img.shape[1], img.shape[0])
-            source = SOURCES[FALLBACK]
-        return warp(img, similarity(marks, GEOMETRIES[self.settings.geometry].template(size)), size), source
