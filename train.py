@@ -362,19 +362,10 @@ class Settings:
     mean: tuple = ()
     std: tuple = ()
     run_dir: str | None = None
-    face: dict | None = None  # the face stage's settings (faces.FaceSettings), with its learnt fallback
-    crop: tuple | None = None  # the augmentation's frame crop
-
-    @property
-    def preprocess(self) -> dict:
-        """What the checkpoint's `preprocess` records; `data.face_store` fills in the face stage's fallback."""
-        if not hasattr(self, "_preprocess"):
-            self._preprocess = {"resize": self.resize, "crop": self.crop, "mean": self.mean, "std": self.std,
-                                "face": self.face}
-        return self._preprocess
+    face: dict | None = None  # the face stage's settings (faces.FaceSettings), before training learns its fallback
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in vars(self).items() if k != "task" and not k.startswith("_")}
+        out = {k: v for k, v in vars(self).items() if k != "task"}
         out.update(task=self.task.name, age_head=self.task.age_head, age_sigma=self.task.age_sigma, world_size=self.world)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if k != "world"}
 
@@ -416,7 +407,7 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
                     reuse_memory=default_reuse_memory(device) if args.reuse_memory is None else args.reuse_memory,
                     num_workers=workers, model_options=model_options, data_dir=args.data_dir or str(DEMO_DIR / "train"),
                     world=world, global_batch=args.batch_size * world * args.accum_steps,
-                    mean=tuple(info.mean), std=tuple(info.std), crop=augmentation.crop,
+                    mean=tuple(info.mean), std=tuple(info.std),
                     face=faces.FaceSettings(args.face_crop).to_dict() if args.face_crop != "none" else None)
 
 
@@ -546,6 +537,7 @@ class Data:
     val_order: list[int]  # this rank's validation rows, in loader order
     augmentation: Any
     label_overrides: list[dict] = field(default_factory=list)  # applied by discover; stored in the checkpoints
+    preprocess: dict = field(default_factory=dict)  # the checkpoints' `preprocess`
     located: Any = None  # faces.Located of every sample, with a face stage
     split: dict = field(default_factory=dict)  # recorded_split: what --resume compares
 
@@ -615,8 +607,11 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     cache_dir = args.cache_dir or data.default_cache_dir()
     train_people = {samples[i].person for i in train_idx}
     # Only training photos lean on their sitting: validation photos stand alone, as at prediction.
+    # what the checkpoints record; face_store adds the face stage's fallback, learnt from the training photos
+    preprocess = {"resize": s.resize, "crop": augmentation.crop, "mean": s.mean, "std": s.std,
+                  "face": dict(s.face) if s.face else None}
     store, located = data.face_store(
-        [x.path for x in samples], s.preprocess, cache_dir if args.cache else None, faces.FaceRun(cache_dir),
+        [x.path for x in samples], preprocess, cache_dir if args.cache else None, faces.FaceRun(cache_dir),
         groups=[x.person if x.person in train_people else None for x in samples],
         progress=lambda items: progress(items, "face stage"))
     if located is not None:
@@ -639,7 +634,8 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     val_loader = data.make_loader(val_set, args.valid_batch_size, sampler=val_order, num_workers=s.num_workers,
                                   pin_memory=pin_memory, seed=args.seed + rank) if val_idx else None
     return Data(samples, store, train_set, val_set, train_loader, val_loader, sampler, val_order, augmentation,
-                overrides.records() if overrides else [], located, recorded_split(samples, train_idx, val_idx))
+                overrides.records() if overrides else [], preprocess, located,
+                recorded_split(samples, train_idx, val_idx))
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -1009,7 +1005,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 log(f"resuming from {args.resume} at epoch {saved_epoch + 2}")
             saver = CheckpointSaver(run_dir, build_metadata(
                 args.model, s.model_options, task, s.age_bins,
-                s.preprocess,
+                d.preprocess,
                 args=vars(args), resolved=s.to_dict(), age_cuts=s.score_age_bins, label_overrides=d.label_overrides))
             eval_model = opt.ema.module if opt.ema is not None else model
             if is_main():
