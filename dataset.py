@@ -694,7 +694,7 @@ def face_store(paths: Sequence[str], preprocess: dict, cache_dir: str | os.PathL
         return ImageStore(paths, preprocess["resize"], preprocess.get("crop"), cache_dir), None
     face_run = face_run if face_run is not None else faces.FaceRun()
     located = faces.FaceStage(settings).locate(paths, load_image, groups, face_run.cache(settings.detector_key()),
-                                               progress)
+                                               progress, face_run.workers)
     face_run.located.append(located)
     preprocess["face"] = settings.to_dict()
     transforms = located.transforms(settings.geometry, preprocess["resize"])

@@ -392,6 +392,7 @@ class FaceRun:
     """What one prediction's face stages share and found: a detection cache per detector setting (a soft
     vote's second face model detects nothing again) and each member's `Located`, for the report."""
     folder: str | os.PathLike | None = None
+    workers: int | None = None  # detection processes; None: `detection_workers` (a server detects in-process)
     caches: dict[str, DetectionCache] = field(default_factory=dict)
     located: list[Located] = field(default_factory=list)
 
@@ -471,14 +472,15 @@ class FaceStage:
         return found[0] if found else None
 
     def detections(self, paths: Sequence[str], load: Callable[[str], np.ndarray], cache: DetectionCache | None = None,
-                   progress: Callable[[Iterable], Iterable] | None = None) -> tuple[np.ndarray, float, int]:
+                   progress: Callable[[Iterable], Iterable] | None = None, workers: int | None = None
+                   ) -> tuple[np.ndarray, float, int]:
         """[N, 19] detection rows for `paths` (see `_row`), from `cache` where it has them (it must be for this
         detector: `DetectionCache(folder, settings.detector_key())`); `load` decodes a photo to RGB uint8."""
         cache = cache if cache is not None else DetectionCache(None, self.settings.detector_key())
         keys = [image_key(p) for p in paths]
         todo = [i for i, k in enumerate(keys) if k not in cache.rows]
         start = time.perf_counter()
-        workers = detection_workers(len(todo))
+        workers = detection_workers(len(todo)) if workers is None else workers
         rows = _Detections(self.settings, [paths[i] for i in todo], load, self if not workers else None)
         # One process a core, one thread each: the cascade's small convolutions gain little from a second
         # thread, a second process nearly halves the time (docs/face-stage.md).
@@ -493,13 +495,13 @@ class FaceStage:
 
     def locate(self, paths: Sequence[str], load: Callable[[str], np.ndarray],
                groups: Sequence[str | None] | None = None, cache: DetectionCache | None = None,
-               progress: Callable[[Iterable], Iterable] | None = None) -> Located:
+               progress: Callable[[Iterable], Iterable] | None = None, workers: int | None = None) -> Located:
         """The landmarks each photo is cropped by. `groups[i]`: the sitting (person) of a training photo, or
         None for a photo that must stand alone (validation, prediction). A training photo whose face is not
         found, or found far from where its sitting's most confident face is (half the eye distance away),
         takes the sitting's landmarks; anything else without a face takes `settings.fallback`, which a training
         call (fallback None) sets to the median landmarks of its own photos with a face (fractions of W, H)."""
-        rows, seconds, n_new = self.detections(paths, load, cache, progress)
+        rows, seconds, n_new = self.detections(paths, load, cache, progress, workers)
         n = len(paths)
         found = (rows[:, 0] == 1) & (rows[:, 1] >= self.settings.accept)
         marks = rows[:, 6:16].reshape(n, 5, 2).copy()

@@ -91,7 +91,7 @@ class MaskClassifier(mlflow.pyfunc.PythonModel):
                 if reason:
                     raise _bad_input(f"row {i} of column {IMAGE_COLUMN!r}: {reason}")
                 paths.append(str(path))
-            face_run = FaceRun()
+            face_run = FaceRun(workers=0)  # no worker processes forked inside the server, as for decoding
             probs, pred, _, _ = vote(self.members, paths, offsets="auto", verbose=False, num_workers=0,
                                      device=self.device, progress=False, face_run=face_run)
         return prediction_frame(probs, pred, self.class_names, face_run.sources())
