@@ -46,8 +46,8 @@ import numpy as np
 
 import cli
 import dataset as data
-from checkpoint import (CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path, run_folder,
-                        validation_samples)
+from checkpoint import (VALIDATION_SAMPLES, CheckpointError, expand_runs, load_array, load_checkpoint,
+                        resolve_state_path, run_folder, validation_samples)
 from fileio import atomic_write_text, check_apart, replace_folder
 from task import (AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, join_labels,
                   split_labels, split_probs, task_of)
@@ -106,7 +106,7 @@ def check_run(run: Path) -> Path:
 def read_run(run: Path) -> tuple[dict, dict]:
     """One run's validation outputs and checkpoint; AuditError / CheckpointError naming what is missing."""
     check_run(run)
-    need = [run / n for n in ("val_probs.npy", "val_labels.npy", "val_samples.csv")]
+    need = [run / n for n in ("val_probs.npy", "val_labels.npy", VALIDATION_SAMPLES)]
     missing = [p.name for p in need if not p.is_file()]
     if missing:
         raise AuditError(f"no out-of-fold predictions ({', '.join(missing)} missing) in {run}; train with a "

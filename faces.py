@@ -218,11 +218,6 @@ class MTCNN:
         return [Face(boxes[i].cpu().numpy().astype(np.float64), float(score[i]), points[i].cpu().numpy().astype(np.float64))
                 for i in order.tolist()]
 
-    @torch.inference_mode()
-    def refine(self, img: np.ndarray, box: Sequence[float]) -> Face:
-        """The output network alone on one square box: its landmarks and score whatever the score."""
-        x = self._tensor(img)
-        return self._output(x, torch.tensor([list(box)], dtype=torch.float32, device=self.device), -1.0)[0]
 
 
 # --------------------------------------------------------------------------- geometry

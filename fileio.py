@@ -148,16 +148,6 @@ def path_escape(text: str) -> str | None:
     return None
 
 
-def inside(root: PathLike, text: str, where: str) -> Path:
-    """`root / text` for a relative path read from a file; ToolkitError naming `where` (the file and row)
-    when the text would leave `root` (`path_escape`)."""
-    reason = path_escape(text)
-    if reason:
-        raise ToolkitError(f"{where}: {text!r} is {reason}, outside {root}; paths in this file must stay inside "
-                           f"the folder it describes")
-    return Path(root) / text
-
-
 def within(root: PathLike, path: PathLike) -> bool:
     """Whether `path` (as a run's val_samples.csv records its images) lies inside `root`, judged on the
     normalised text (both made absolute from the same folder): `..` cannot climb out, and links inside

@@ -36,8 +36,8 @@ from torch import nn
 import cli
 import dataset as data
 import faces
-from checkpoint import (CheckpointSaver, build_metadata, check_resumable, cross_validation_config, load_resumable,
-                        present_checkpoints)
+from checkpoint import (VALIDATION_SAMPLES, CheckpointSaver, build_metadata, check_resumable, cross_validation_config,
+                        load_resumable, present_checkpoints)
 from cli import UsageError, optional_bool, str2bool
 from fileio import atomic_write_text
 from task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
@@ -901,7 +901,7 @@ def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, 
     table = io.StringIO()
     csv.writer(table, lineterminator="\n").writerows([("path", "person", "kind", "age"),
                                                       *((r.path, r.person, r.kind, r.age) for r in rows)])
-    atomic_write_text(run_dir / "val_samples.csv", table.getvalue())
+    atomic_write_text(run_dir / VALIDATION_SAMPLES, table.getvalue())
     pixels = save_error_gallery(run_dir / "errors.png", [r.path for r in rows], truth, val.pred, val.probs,
                                 task.report_task, age_bins, title=f"{run_dir.name} epoch {epoch + 1}",
                                 people=[r.person for r in rows], image_of=val_set.model_input if face_crops else None)

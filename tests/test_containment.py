@@ -20,7 +20,7 @@ import serving
 import train
 from checkpoint import CheckpointError, load_checkpoint, validation_samples
 from conftest import TINY_TRAIN_ARGS
-from fileio import inside, path_escape, within
+from fileio import path_escape, within
 
 
 @pytest.mark.parametrize("text, reason", [("../secret.jpg", "'..' segment"), ("a/../../b.jpg", "'..' segment"),
@@ -29,14 +29,11 @@ from fileio import inside, path_escape, within
                                           ("\\\\server\\share\\a.jpg", "absolute path"), ("", "empty path")])
 def test_path_escape_names_every_way_out(text, reason):
     assert reason in path_escape(text)
-    with pytest.raises(Exception, match="outside"):
-        inside("/data/eval/images", text, "info.csv line 2")
 
 
 @pytest.mark.parametrize("text", ["a.jpg", "sub/a.jpg", "a..b.jpg", "...jpg", "사진.jpg"])
 def test_paths_inside_the_folder_are_kept(text):
     assert path_escape(text) is None
-    assert inside("/data", text, "x") == Path("/data") / text
 
 
 def test_within_is_lexical():
