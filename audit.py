@@ -44,16 +44,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-import cli
+from maskcls import cli
 import dataset as data
-from checkpoint import (VALIDATION_SAMPLES, CheckpointError, expand_runs, load_array, load_checkpoint,
+from maskcls.checkpoint import (VALIDATION_SAMPLES, CheckpointError, expand_runs, load_array, load_checkpoint,
                         resolve_state_path, run_folder, validation_samples)
-from fileio import atomic_write_text, check_apart, replace_folder
-from task import (AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, join_labels,
+from maskcls.fileio import atomic_write_text, check_apart, replace_folder
+from maskcls.task import (AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, join_labels,
                   split_labels, split_probs, task_of)
 
 if TYPE_CHECKING:
-    from gallery import SheetRow
+    from maskcls.gallery import SheetRow
 
 COLUMNS = data.OVERRIDE_COLUMNS
 KINDS = data.OVERRIDE_KINDS
@@ -300,7 +300,7 @@ def csv_text(rows: Sequence[Sequence[str]]) -> str:
 
 def sheet_rows(pred: Predictions, found: list[Suspicion], limit: int = SHEET_ROWS):
     """The contact sheet's rows: the top suspects of each kind in turn, each with the person's photos."""
-    from gallery import Cell, SheetRow
+    from maskcls.gallery import Cell, SheetRow
 
     p_mask, p_gender, p_age = pred.parts
     by_kind = {k: [s for s in found if s.kind == k] for k in KINDS}
@@ -372,7 +372,7 @@ def run_audit(run_args: Sequence[str], out: str | os.PathLike, sheet: int = SHEE
               "train with --kfold K --fold all and audit that folder to cover everyone")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "audit.csv", csv_text([s.row() for s in found]))
-    from gallery import save_sheet
+    from maskcls.gallery import save_sheet
 
     rows = sheet_rows(pred, found, sheet)
     warn_missing_photos(rows)

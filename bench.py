@@ -64,9 +64,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-import cli
+from maskcls import cli
 import dataset as data
-from task import NUM_CLASSES
+from maskcls.task import NUM_CLASSES
 
 REQUIRED_KEYS = ("reference_ips", "cold_ips", "warm_ips", "cold_ratio", "warm_ratio", "train_ips", "infer_ips",
                  "infer_eager_ips", "resize", "model", "device")
@@ -549,7 +549,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
     (its own process group, stopped by its pid), loaded by `serve_load`."""
     import inference
     import serving
-    from checkpoint import load_checkpoint, validation_samples
+    from maskcls.checkpoint import load_checkpoint, validation_samples
 
     run_dir = Path(args.serve)
     ckpt = load_checkpoint(serving.model_checkpoints([run_dir])[0])

@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
-from checkpoint import (CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path, run_folder,
+from maskcls import cli
+from maskcls.checkpoint import (CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path, run_folder,
                         set_decision)
-from fileio import atomic_write_text
-from metrics import macro_f1
-from task import AGE_THRESHOLDS, Task, decide, log_probs, task_of
-from tracking import add_tracking_flags, class_metrics, step_tracker
+from maskcls.fileio import atomic_write_text
+from maskcls.metrics import macro_f1
+from maskcls.task import AGE_THRESHOLDS, Task, decide, log_probs, task_of
+from maskcls.tracking import add_tracking_flags, class_metrics, step_tracker
 
 GRID = np.linspace(-3.0, 3.0, 61)
 

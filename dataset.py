@@ -27,14 +27,14 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-import faces
-from cli import ToolkitError, examples
-from fileio import atomic_write_text, path_escape
-from task import (DEFAULT_AGE_BINS, GENDER_NAMES, NUM_CLASSES, TASK_CLASSES, age_label,  # noqa: F401 (re-exported)
+from maskcls import faces
+from maskcls.cli import ToolkitError, examples
+from maskcls.fileio import atomic_write_text, path_escape
+from maskcls.task import (DEFAULT_AGE_BINS, GENDER_NAMES, NUM_CLASSES, TASK_CLASSES, age_label,  # noqa: F401 (re-exported)
                   decode_class, encode_class, task_target)
 
 if TYPE_CHECKING:
-    from task import Task
+    from maskcls.task import Task
 
 cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubscribe the cores
 
@@ -1085,7 +1085,7 @@ class MaskDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], store: ImageStore, indices: Sequence[int], task: "str | Task" = "all",
                  age_bins: Sequence[int] = DEFAULT_AGE_BINS, augmentation: Augmentation | None = None,
                  train: bool = False, seed: int = 0):
-        from task import Task, get_task
+        from maskcls.task import Task, get_task
 
         task = task if isinstance(task, Task) else get_task(task)  # the task says what a target is
         self.samples, self.store, self.indices = samples, store, list(indices)

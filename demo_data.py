@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-import cli
-from fileio import atomic_write_text, is_marked
-from task import age_label, encode_class
+from maskcls import cli
+from maskcls.fileio import atomic_write_text, is_marked
+from maskcls.task import age_label, encode_class
 
 FILE_NAMES = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
 MASK_OF_FILE = {name: (0 if name.startswith("mask") else 1 if name == "incorrect_mask" else 2)

@@ -32,11 +32,11 @@ from typing import Sequence
 
 import numpy as np
 
-import cli
-import metrics
-from fileio import path_escape
-from task import NUM_CLASSES
-from tracking import add_tracking_flags, class_metrics, step_tracker
+from maskcls import cli
+from maskcls import metrics
+from maskcls.fileio import path_escape
+from maskcls.task import NUM_CLASSES
+from maskcls.tracking import add_tracking_flags, class_metrics, step_tracker
 
 ID_COL, LABEL_COL = "ImageID", "ans"
 EXIT_BAD_INPUT = 2
@@ -184,7 +184,7 @@ def read_probs(path: Path, ids: Sequence[str]) -> np.ndarray:
 def error_gallery(images: str, pred: Path, probs_file: str | None, out: str | None, ids: Sequence[str],
                   y_true: np.ndarray, y_pred: np.ndarray, age_bins: Sequence[int]) -> Path:
     """errors.png: per true class, the most confident mistakes (gallery.py); returns where it went."""
-    from gallery import error_rows, save_error_gallery
+    from maskcls.gallery import error_rows, save_error_gallery
 
     escaping = [(i, reason) for i in ids if (reason := path_escape(i))]
     if escaping:  # ImageIDs come from the prediction and gt files: they must not reach outside --images

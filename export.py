@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import cli
+from maskcls import cli
 import dataset as data
-from checkpoint import build_model, check_state_name, decision_age_cuts, state_file, validation_samples
+from maskcls.checkpoint import build_model, check_state_name, decision_age_cuts, state_file, validation_samples
 from inference import Member, ensemble_offsets, load_members
-from fileio import atomic_write, atomic_write_bytes
-from task import PROB_FLOOR, Task, apply_offsets, task_of
+from maskcls.fileio import atomic_write, atomic_write_bytes
+from maskcls.task import PROB_FLOOR, Task, apply_offsets, task_of
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}  # format -> file suffix
 INPUT_NAME, OUTPUT_NAME = "images", "probs"

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-import cli
+from maskcls import cli
 import dataset as data
-from fileio import check_apart, replace_folder
+from maskcls.fileio import check_apart, replace_folder
 
 MARKER = ".mask-toolkit-holdout"  # only a folder carrying it is ever replaced
 

@@ -22,15 +22,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-import cli
+from maskcls import cli
 import dataset as data
-import faces
-from checkpoint import (CheckpointError, build_model, check_state_name, decision_age_cuts, expand_runs,
+from maskcls import faces
+from maskcls.checkpoint import (CheckpointError, build_model, check_state_name, decision_age_cuts, expand_runs,
                         load_checkpoint, resolve_state_path)
-from fileio import atomic_write_text
+from maskcls.fileio import atomic_write_text
 from model import amp_dtype
-from task import NUM_CLASSES, decide, task_of
-from tracking import add_tracking_flags, class_metrics, step_tracker
+from maskcls.task import NUM_CLASSES, decide, task_of
+from maskcls.tracking import add_tracking_flags, class_metrics, step_tracker
 
 
 VOTES = ("mean", "geometric")  # how a soft vote combines its members' probabilities (combine_probs)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from task import HEAD_SIZES  # default multi-head layout [mask 3 | gender 2 | age 3]
+from maskcls.task import HEAD_SIZES  # default multi-head layout [mask 3 | gender 2 | age 3]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

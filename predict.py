@@ -24,11 +24,11 @@ from typing import Sequence
 
 import numpy as np
 
-import cli
+from maskcls import cli
 import dataset as data
-import faces
-from checkpoint import check_state_name, expand_runs
-from task import NUM_CLASSES, apply_offsets, decode18, task_of
+from maskcls import faces
+from maskcls.checkpoint import check_state_name, expand_runs
+from maskcls.task import NUM_CLASSES, apply_offsets, decode18, task_of
 
 SUBTASKS = ("mask", "gender", "age")  # decode18's order
 

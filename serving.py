@@ -37,10 +37,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import numpy as np
 import pandas as pd
 
-import cli
-from checkpoint import RESUME_KEYS, atomic_save, expand_runs, load_checkpoint, run_folder, validation_samples
-from faces import FaceRun
+from maskcls import cli
+from maskcls.checkpoint import RESUME_KEYS, atomic_save, expand_runs, load_checkpoint, run_folder, validation_samples
+from maskcls.faces import FaceRun
 
+PACKAGE = "maskcls"  # the library, shipped whole as one of the model's code paths
 ROOT = Path(__file__).resolve().parent
 IMAGE_COLUMN = "image"
 MODEL_NAME = "model"  # runs:/<run_id>/model
@@ -191,21 +192,25 @@ def input_example(run: Path, ckpt: dict) -> pd.DataFrame:
 
 def toolkit_modules(root: str = "serving") -> list[Path]:
     """The toolkit's files `root` imports, directly or not, at module level or inside functions: the
-    model's code (found from the source, so a new import in inference.py is shipped too)."""
+    model's code (found from the source, so a new import is shipped too). The package ships whole."""
     import ast
+
+    def source(name: str) -> Path:
+        return ROOT / (name.replace(".", "/") + ".py")
 
     todo, seen = [root], set()
     while todo:
         name = todo.pop()
-        if name in seen or not (ROOT / f"{name}.py").is_file():
+        if name in seen or not source(name).is_file():
             continue
         seen.add(name)
-        for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_text())):
+        for node in ast.walk(ast.parse(source(name).read_text())):
             if isinstance(node, ast.Import):
-                todo += [a.name.split(".")[0] for a in node.names]
+                todo += [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                todo.append(node.module.split(".")[0])
-    return sorted(ROOT / f"{name}.py" for name in seen)
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    top = {ROOT / f"{name}.py" for name in seen if "." not in name}
+    return sorted(top | ({ROOT / PACKAGE} if any(name.startswith(PACKAGE + ".") for name in seen) else set()))
 
 
 def signature(num_classes: int, face: bool = False):
@@ -314,7 +319,7 @@ def log_model_for(run_dir: str | Path, tracking_uri: str | None = None, register
                   experiment: str | None = None) -> str | None:
     """After the fact: log a run folder's model into the run that trained it when that run is on the
     server (last.pth records it), else into a new run named after the folder."""
-    from tracking import DEFAULT_EXPERIMENT, Tracker, resolve_experiment, resolve_tracking_uri, resolve_user
+    from maskcls.tracking import DEFAULT_EXPERIMENT, Tracker, resolve_experiment, resolve_tracking_uri, resolve_user
 
     run_dir = run_folder(run_dir)
     for path in model_checkpoints(expand_runs([run_dir])[0]):
@@ -337,7 +342,7 @@ def log_model_for(run_dir: str | Path, tracking_uri: str | None = None, register
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tracking import TrackingError, check_model_name, require_tracking
+    from maskcls.tracking import TrackingError, check_model_name, require_tracking
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a train.py run folder (or a --fold all folder: the soft vote of its folds)")

@@ -33,15 +33,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import cli
+from maskcls import cli
 import dataset as data
-import faces
-from checkpoint import (VALIDATION_SAMPLES, CheckpointSaver, build_metadata, check_resumable, cross_validation_config,
+from maskcls import faces
+from maskcls.checkpoint import (VALIDATION_SAMPLES, CheckpointSaver, build_metadata, check_resumable, cross_validation_config,
                         load_resumable, present_checkpoints)
-from cli import UsageError, optional_bool, str2bool
-from fileio import atomic_write_text
-from task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
-from tracking import DEFAULT_EXPERIMENT
+from maskcls.cli import UsageError, optional_bool, str2bool
+from maskcls.fileio import atomic_write_text
+from maskcls.task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
+from maskcls.tracking import DEFAULT_EXPERIMENT
 
 DEMO_DIR = Path("data/demo")
 SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
@@ -335,7 +335,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if min(args.head_weights) < 0:
         raise UsageError(f"--head_weights must be >= 0, got {args.head_weights}")
     if args.register_model is not None:
-        from tracking import check_model_name, require_tracking
+        from maskcls.tracking import check_model_name, require_tracking
 
         check_model_name(args.register_model)
         require_tracking(args.tracking_uri, "--register_model needs MLflow tracking")
@@ -864,7 +864,7 @@ def validate(model: nn.Module, loader, criterion: nn.Module, transform, task: Ta
 # --------------------------------------------------------------------------- outputs of a validation
 def report_validation(val: Validation, truth: np.ndarray, task: Task, age_bins, epoch: int, best: dict) -> dict:
     """Per-class table and scores; updates `best`; returns the val_* metrics."""
-    from metrics import evaluate_predictions, per_class_table
+    from maskcls.metrics import evaluate_predictions, per_class_table
 
     scores = evaluate_predictions(truth, val.pred, task.report_task)
     metrics = {"val_loss": val.loss, "val_acc": scores["accuracy"], "val_f1": scores["f1"]}
@@ -889,8 +889,8 @@ def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, 
     """For the best-F1 epoch: confusion matrix, per-class CSV, the error gallery (errors.png, also to
     TensorBoard via `writer`; with `face_crops` it shows the crops the model saw) and the out-of-fold
     material that calibrate.py (decision rule) and audit.py (label audit) read."""
-    from gallery import save_error_gallery
-    from metrics import save_confusion_matrix_png, write_per_class_csv
+    from maskcls.gallery import save_error_gallery
+    from maskcls.metrics import save_confusion_matrix_png, write_per_class_csv
 
     save_confusion_matrix_png(run_dir / "confusion_matrix.png", truth, val.pred, task.report_task, age_bins)
     write_per_class_csv(run_dir / "per_class.csv", truth, val.pred, task.report_task, age_bins)
@@ -937,7 +937,7 @@ def start_tracking(args: argparse.Namespace, s: Settings, run_dir: Path, resumed
                    parent: Any = None) -> Any:
     """The MLflow run of `run_dir` (a child of `parent` for a fold of --fold all), started before any
     data work so that an unreachable server stops the run at once."""
-    from tracking import Tracker, TrackingError, resolve_experiment, resolve_tracking_uri, resolve_user
+    from maskcls.tracking import Tracker, TrackingError, resolve_experiment, resolve_tracking_uri, resolve_user
 
     name = f"{parent.run_name}/{run_dir.name}" if parent is not None else run_dir.name
     tracker = Tracker(resolve_tracking_uri(args.tracking_uri), resolve_experiment(args.experiment, DEFAULT_EXPERIMENT),
@@ -1137,7 +1137,7 @@ def cross_validate(args: argparse.Namespace, rank: int, world: int, device: torc
 
 def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: int, parent: Any, rank: int,
                 world: int, device: torch.device) -> dict:
-    from metrics import evaluate_predictions
+    from maskcls.metrics import evaluate_predictions
 
     later = [parent_dir / f"fold{fold}" for fold in range(first + 1, args.kfold) if (parent_dir / f"fold{fold}").exists()]
     if args.resume and later:
@@ -1167,7 +1167,7 @@ def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: 
 def summarise_folds(runs: Sequence[Path], task: Task, evaluate) -> dict:
     """Mean and sample standard deviation over folds of each best-F1 epoch's scores, and the macro F1
     of all out-of-fold predictions pooled (every person scored once, by the fold that never saw them)."""
-    from checkpoint import load_checkpoint
+    from maskcls.checkpoint import load_checkpoint
 
     per_fold, probs, labels = [], [], []
     for run in runs:

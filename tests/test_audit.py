@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import audit
-import cli
+from maskcls import cli
 import dataset as data
-from checkpoint import atomic_save, build_metadata, load_checkpoint
-from task import AGE_THRESHOLDS, get_task
+from maskcls.checkpoint import atomic_save, build_metadata, load_checkpoint
+from maskcls.task import AGE_THRESHOLDS, get_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Measured on 240 demo people (3 inject/train seeds): recall among the top 2 x injected suspects was

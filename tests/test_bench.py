@@ -183,7 +183,7 @@ def test_hflip_is_a_mirror():
 def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys):
     """Typos and impossible numbers: `error: ...` and exit 2 via cli, with a did-you-mean; no
     traceback after images were generated (issue 18 item 2); no issue number in --help (item 6)."""
-    import cli
+    from maskcls import cli
 
     cases = {("--model", "resnet18"): "unknown --model 'resnet18'; known: ", ("--batch_size", "0"): "--batch_size must",
              ("--n", "-1"): "--n must be >= 0", ("--data_dir", str(tmp_path / "nope")): "--data_dir not found",

@@ -13,12 +13,12 @@ import torch
 from sklearn.metrics import f1_score
 
 import calibrate
-import cli
+from maskcls import cli
 import dataset as data
 import holdout
 import inference
-from checkpoint import load_checkpoint
-from task import decide
+from maskcls.checkpoint import load_checkpoint
+from maskcls.task import decide
 
 
 def imbalanced_probs(n: int = 3000, classes: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

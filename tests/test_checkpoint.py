@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from maskcls import cli
 import inference
-from checkpoint import CheckpointError, atomic_save, load_array, load_checkpoint, resolve_state_path, run_folder
+from maskcls.checkpoint import CheckpointError, atomic_save, load_array, load_checkpoint, resolve_state_path, run_folder
 
 
 def _message(path) -> str:

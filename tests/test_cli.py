@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 import torch
 
-import cli
+from maskcls import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def test_run_in_a_process_sigterm_exits_143_quietly(tmp_path):
     argv = _script(tmp_path, f"""
         import os, signal, sys, time, warnings
         sys.path.insert(0, {str(ROOT)!r})
-        import cli
+        from maskcls import cli
 
         def main():
             warnings.warn("careful")
@@ -215,7 +215,7 @@ def test_run_closed_stdout_is_quiet(tmp_path):
     argv = _script(tmp_path, f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        import cli
+        from maskcls import cli
 
         def main():
             for i in range(200_000):  # far more than a pipe buffer holds

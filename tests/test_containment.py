@@ -18,9 +18,9 @@ import evaluation
 import export
 import serving
 import train
-from checkpoint import CheckpointError, load_checkpoint, validation_samples
+from maskcls.checkpoint import CheckpointError, load_checkpoint, validation_samples
 from conftest import TINY_TRAIN_ARGS
-from fileio import path_escape, within
+from maskcls.fileio import path_escape, within
 
 
 @pytest.mark.parametrize("text, reason", [("../secret.jpg", "'..' segment"), ("a/../../b.jpg", "'..' segment"),

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from maskcls.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -868,7 +868,7 @@ def test_read_eval_info_finds_a_name_stored_in_another_unicode_form(tmp_path):
 
 # --------------------------------------------------------------------------- messages (issue 18 item 5)
 def test_data_error_is_a_toolkit_error():
-    import cli
+    from maskcls import cli
 
     assert issubclass(DataError, cli.ToolkitError) and issubclass(DataError, ValueError)
 

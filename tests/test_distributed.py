@@ -23,7 +23,7 @@ import torch
 
 import dataset as data
 import train
-from checkpoint import load_checkpoint
+from maskcls.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID_BATCH = 4
@@ -189,7 +189,7 @@ def test_global_batch_printed_and_in_config(ddp_run):
 
 def test_validation_equals_single_process_evaluation(ddp_run):
     from inference import predict_probs
-    from metrics import evaluate_predictions
+    from maskcls.metrics import evaluate_predictions
 
     run_dir = ddp_run["models"] / "exp"
     ckpt = load_checkpoint(run_dir / "best_f1.pth")

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-import cli
+from maskcls import cli
 import dataset as data
 import export
 import inference
-from checkpoint import load_checkpoint, set_decision
-from task import Task, apply_offsets, task_of
+from maskcls.checkpoint import load_checkpoint, set_decision
+from maskcls.task import Task, apply_offsets, task_of
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 FEW = 24  # eval images the comparisons use

@@ -16,11 +16,11 @@ from skimage import data as skdata
 
 import dataset as data
 import export
-import faces
+from maskcls import faces
 import inference
 import predict
 import train
-from checkpoint import load_checkpoint
+from maskcls.checkpoint import load_checkpoint
 from conftest import TINY_TRAIN_ARGS
 
 FRAME = (512, 384)  # (H, W): a competition photo

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cli
+from maskcls import cli
 import dataset as data
 import evaluation
-import gallery
+from maskcls import gallery
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -58,7 +58,7 @@ def test_error_rows_pick_the_most_confident_mistakes_per_class():
 def test_train_writes_and_logs_the_error_gallery(tmp_path, demo_root):
     """write_validation_outputs: errors.png beside confusion_matrix.png, logged to MLflow and TensorBoard."""
     import train
-    from task import get_task
+    from maskcls.task import get_task
 
     samples = data.discover(demo_root / "train", verbose=False)
     val_set = data.MaskDataset(samples, None, range(0, 70), "all")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-import cli
+from maskcls import cli
 import dataset as data
 import evaluation
 import inference
-from checkpoint import CheckpointError, atomic_save, build_model, load_checkpoint
+from maskcls.checkpoint import CheckpointError, atomic_save, build_model, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

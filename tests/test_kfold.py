@@ -15,8 +15,8 @@ import calibrate
 import dataset as data
 import inference
 import train
-from checkpoint import expand_runs, load_checkpoint
-from cli import UsageError
+from maskcls.checkpoint import expand_runs, load_checkpoint
+from maskcls.cli import UsageError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -131,7 +131,7 @@ def test_interrupted_cross_validation_resumes_at_its_fold(demo_root, tiny_train_
 
     from mlflow import MlflowClient
 
-    import cli
+    from maskcls import cli
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [a for a in tiny_train_args if a != "none"]

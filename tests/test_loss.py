@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from loss import (CRITERIA, MultiHeadCriterion, SpreadAgeGroupLoss, class_weights_from_labels, compute_loss,
                   create_criterion, mixed_loss, spread_age)
-from task import AGE_THRESHOLDS
+from maskcls.task import AGE_THRESHOLDS
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fileio  # noqa: E402
-import metrics  # noqa: E402
+from maskcls import fileio  # noqa: E402
+from maskcls import metrics  # noqa: E402
 
 
 def random_pair(n: int, classes: int, seed: int = 0, hit: float = 0.6) -> tuple[np.ndarray, np.ndarray]:

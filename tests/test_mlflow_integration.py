@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
 import demo_data
-from checkpoint import load_checkpoint
+from maskcls.checkpoint import load_checkpoint
 from tests.mlflow_server import _free_port, mlflow_server, start_server, stop_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from torch import nn
 
 import model as zoo
 from model import MODELS, create_model, model_info, trainable_parameters
-from task import HEAD_SIZES, get_task
+from maskcls.task import HEAD_SIZES, get_task
 
 
 def logits_to_probs(logits: torch.Tensor, multihead: bool) -> torch.Tensor:

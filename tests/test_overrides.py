@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from maskcls import cli
 import dataset as data
 import train
-from checkpoint import load_checkpoint
+from maskcls.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 HEADER = "person,image,kind,score,label,suggested\n"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
+from maskcls import cli
 import dataset as data
 import predict
 from tests.test_export import few_eval, infer, offsets_run  # noqa: F401 (fixtures)

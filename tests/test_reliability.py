@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import cli
-import fileio
+from maskcls import cli
+from maskcls import fileio
 import holdout
-import metrics
+from maskcls import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,13 +35,13 @@ from mlflow.artifacts import download_artifacts
 from mlflow.entities import LoggedModelStatus
 
 import calibrate
-import cli
+from maskcls import cli
 import dataset as data
 import evaluation
 import inference
 import serving
 import train
-from checkpoint import load_checkpoint
+from maskcls.checkpoint import load_checkpoint
 from tests.conftest import ROOT, TINY_TRAIN_ARGS, cli_env
 from tests.mlflow_server import _free_port, start_server, stop_server
 
@@ -181,8 +181,8 @@ def test_register_model_with_tracking_off_by_the_variable_says_so(monkeypatch):
 
 def _described_run(run: Path) -> Path:
     """A run folder whose best_f1.pth load_checkpoint accepts (a description, no weights: never built here)."""
-    from checkpoint import atomic_save, build_metadata
-    from task import get_task
+    from maskcls.checkpoint import atomic_save, build_metadata
+    from maskcls.task import get_task
 
     run.mkdir()
     meta = build_metadata("SmallCNN", {}, get_task("all"), (30, 60), {"resize": (48, 36), "mean": (0.5,) * 3,
@@ -456,9 +456,9 @@ def test_logged_model_needs_architectures_not_imagenet_weight_packages(tmp_path,
     import torch
 
     import serving
-    from checkpoint import atomic_save, build_metadata, build_model, load_checkpoint
+    from maskcls.checkpoint import atomic_save, build_metadata, build_model, load_checkpoint
     from model import create_model
-    from task import get_task
+    from maskcls.task import get_task
 
     task = get_task("multi")
     net = create_model("EfficientNetLite0", task.num_classes, pretrained=False, multihead=task.head_sizes)

@@ -19,8 +19,8 @@ import calibrate
 import dataset as data
 import inference
 import train
-from checkpoint import CheckpointError, build_model, load_checkpoint, set_decision
-from task import (AGE_THRESHOLDS, Task, age_group_probs_from_survival, apply_offsets, decide, get_task, join_labels,
+from maskcls.checkpoint import CheckpointError, build_model, load_checkpoint, set_decision
+from maskcls.task import (AGE_THRESHOLDS, Task, age_group_probs_from_survival, apply_offsets, decide, get_task, join_labels,
                   split_labels, split_probs, task_of)
 
 pytestmark = pytest.mark.usefixtures("single_thread")

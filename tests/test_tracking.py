@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 from mlflow import MlflowClient
 
-import tracking
+from maskcls import tracking
 from tests.mlflow_server import _free_port, mlflow_server, start_server, stop_server  # noqa: F401
 
 

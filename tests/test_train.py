@@ -22,7 +22,7 @@ from sklearn.metrics import f1_score
 
 import dataset as data
 import train
-from checkpoint import CheckpointError, build_model, load_checkpoint
+from maskcls.checkpoint import CheckpointError, build_model, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fileio import atomic_write
-from task import class_names
+from maskcls.fileio import atomic_write
+from maskcls.task import class_names
 
 THUMB = (96, 72)  # (H, W) of a photo in a sheet: faces stay recognisable, 100 photos stay cheap
 CELL_W = 150  # pixels per cell: room for a caption of about 28 characters at the caption font size

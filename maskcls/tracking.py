@@ -56,7 +56,7 @@ class TrackingError(RuntimeError):
 
 def check_model_name(name: str, flag: str = "--register_model") -> str:
     """A Model Registry name as MLflow accepts it (checked before any work)."""
-    from cli import UsageError
+    from maskcls.cli import UsageError
 
     if not name.strip() or any(c in name for c in "/:") or name.strip() in (".", ".."):
         raise UsageError(f"{flag} must be a model name without '/' or ':', e.g. mask-classifier; got {name!r}")
@@ -119,7 +119,7 @@ def tracking_disabled(uri: str | None) -> bool:
 def require_tracking(cli_uri: str | None, need: str) -> str:
     """The URI of a step that logs to MLflow or nothing (`need` says which, e.g. "--register_model needs
     MLflow tracking"); UsageError when tracking is off, naming what turned it off: the flag or the variable."""
-    from cli import UsageError
+    from maskcls.cli import UsageError
 
     uri = resolve_tracking_uri(cli_uri)
     if tracking_disabled(uri):
@@ -453,7 +453,7 @@ class Tracker:
                 self._lose(exc)
                 return None
             self._lost = True  # finish() then makes one quiet attempt, no second message
-            from cli import ToolkitError
+            from maskcls.cli import ToolkitError
 
             if isinstance(exc, ToolkitError):
                 raise
@@ -546,7 +546,7 @@ def step_tracker(args, script: str, params: dict, checkpoint_run: Callable[[Any]
     --run_id checkpoint, raising a ToolkitError when no run is recorded). Params are prefixed with
     `script` so they never collide with a training run's. Bad flags, an unknown run or an
     unreachable server: cli.UsageError (one line, exit 2) before any work."""
-    from cli import ToolkitError, UsageError
+    from maskcls.cli import ToolkitError, UsageError
 
     if args.tracking_uri is None or tracking_disabled(args.tracking_uri):
         given = [f"--{k}" for k in ("run_id", "run_name", "experiment") if getattr(args, k)]

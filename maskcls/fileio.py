@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-from cli import ToolkitError
+from maskcls.cli import ToolkitError
 
 PathLike = str | os.PathLike
 

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cli import ToolkitError
-from fileio import atomic_write_bytes, within
-from task import Task, task_of
+from maskcls.cli import ToolkitError
+from maskcls.fileio import atomic_write_bytes, within
+from maskcls.task import Task, task_of
 
 FORMAT = "mask-toolkit/1"
 STATE_FILES = ("best.pth", "best_f1.pth", "last.pth")

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import nms, roi_align
 
-from cli import ToolkitError
-from fileio import atomic_write_bytes
+from maskcls.cli import ToolkitError
+from maskcls.fileio import atomic_write_bytes
 
 WEIGHTS_PACKAGE = "facenet_pytorch"  # PyPI facenet-pytorch: ships MTCNN's weights in data/*.pt
 
