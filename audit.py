@@ -49,18 +49,19 @@ import dataset as data
 from maskcls.checkpoint import (VALIDATION_SAMPLES, CheckpointError, expand_runs, load_array, load_checkpoint,
                         resolve_state_path, run_folder, validation_samples)
 from maskcls.fileio import atomic_write_text, check_apart, replace_folder
-from maskcls.task import (AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, join_labels,
+from maskcls.task import (MASK_KINDS, AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, join_labels,
                   split_labels, split_probs, task_of)
+from maskcls import overrides
 
 if TYPE_CHECKING:
     from maskcls.gallery import SheetRow
 
-COLUMNS = data.OVERRIDE_COLUMNS
-KINDS = data.OVERRIDE_KINDS
+COLUMNS = overrides.OVERRIDE_COLUMNS
+KINDS = overrides.OVERRIDE_KINDS
 EPS = 0.01  # probabilities clipped to [EPS, 1 - EPS]: no single photo decides a person
 SHEET_ROWS = 24
 INJECT_MARKER = ".mask-toolkit-inject"
-KIND_ORDER = {k: i for i, k in enumerate(data.MASK_KINDS)}  # mask1..mask5, incorrect_mask, normal
+KIND_ORDER = {k: i for i, k in enumerate(MASK_KINDS)}  # mask1..mask5, incorrect_mask, normal
 
 
 class AuditError(cli.ToolkitError, ValueError):
@@ -286,7 +287,7 @@ def outliers(pred: Predictions, by_person: dict[str, list[int]], labels: np.ndar
                 continue
             score = float(np.log(max(np.median(fit[others]), EPS)) - np.log(max(fit[i], EPS)))
             if score > 0:
-                out.append(Suspicion(person, Path(pred.paths[i]).name, "outlier", score, pred.kinds[i], data.DROP, [i],
+                out.append(Suspicion(person, Path(pred.paths[i]).name, "outlier", score, pred.kinds[i], overrides.DROP, [i],
                                      {j: float(fit[j]) for j in rows}))
     return out
 
@@ -348,7 +349,7 @@ def data_people(runs: Sequence[Path]) -> int | None:
     folder = (ckpt.get("resolved") or {}).get("data_dir") or (ckpt.get("args") or {}).get("data_dir")
     try:
         root = data.images_root(folder) if folder else None
-    except data.DataError:
+    except cli.DataError:
         return None
     return len(data.person_dirs(root)) if root else None
 

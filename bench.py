@@ -67,6 +67,9 @@ from torch.utils.data import DataLoader, Dataset
 from maskcls import cli
 import dataset as data
 from maskcls.task import NUM_CLASSES
+from maskcls import imaging
+from maskcls import augment
+from maskcls import loaders
 
 REQUIRED_KEYS = ("reference_ips", "cold_ips", "warm_ips", "cold_ratio", "warm_ratio", "train_ips", "infer_ips",
                  "infer_eager_ips", "resize", "model", "device")
@@ -144,11 +147,11 @@ def make_images(out_dir: Path, n: int, size: tuple[int, int] = (384, 512), seed:
 def find_images(data_dir: str | os.PathLike, n: int) -> list[str]:
     root = Path(data_dir)
     if not root.is_dir():
-        raise data.DataError(f"--data_dir not found: {root}")
+        raise cli.DataError(f"--data_dir not found: {root}")
     paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS
                    and not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file())
     if not paths:
-        raise data.DataError(f"no .jpg/.jpeg/.png images under {root}")
+        raise cli.DataError(f"no .jpg/.jpeg/.png images under {root}")
     return paths[:n] if n > 0 else paths
 
 
@@ -166,7 +169,7 @@ class ReferenceDataset(Dataset):
         return self.transform(Image.open(self.paths[i])), 0
 
 
-class CountingStore(data.ImageStore):
+class CountingStore(imaging.ImageStore):
     """ImageStore that counts decodes in shared memory, so the count includes the workers'."""
 
     def __init__(self, *args, **kwargs):
@@ -205,16 +208,16 @@ def reference_epoch(paths: Sequence[str], resize: Sequence[int], mean, std, batc
     return count / (time.perf_counter() - start)
 
 
-def toolkit_epochs(store: data.ImageStore, resize: Sequence[int], mean, std, batch_size: int, num_workers: int,
+def toolkit_epochs(store: imaging.ImageStore, resize: Sequence[int], mean, std, batch_size: int, num_workers: int,
                    device: torch.device, epochs: int, seed: int) -> list[float]:
     """images/s of each epoch of the toolkit's training pipeline; the cache is finalized after the first."""
-    augmentation = data.Augmentation("bench", hflip=0.5, jitter=JITTER)
+    augmentation = augment.Augmentation("bench", hflip=0.5, jitter=JITTER)
     samples = [data.Sample(p, f"p{i}", "mask1", 0, 0, 20) for i, p in enumerate(store.paths)]  # labels unused
     train_set = data.MaskDataset(samples, store, range(len(samples)), "all", augmentation=augmentation, train=True,
                                  seed=seed)
     cuda = device.type == "cuda"
-    transform = data.BatchTransform(mean, std, augmentation.noise_std, channels_last=cuda)
-    loader = data.make_loader(train_set, batch_size, shuffle=True, num_workers=num_workers, pin_memory=cuda, seed=seed)
+    transform = augment.BatchTransform(mean, std, augmentation.noise_std, channels_last=cuda)
+    loader = loaders.make_loader(train_set, batch_size, shuffle=True, num_workers=num_workers, pin_memory=cuda, seed=seed)
     rates = []
     for epoch in range(epochs):
         train_set.set_epoch(epoch)
@@ -360,19 +363,19 @@ def bench_loop(paths: list[str], args, mean, std, device: torch.device, workdir:
     from model import amp_dtype, create_model, default_amp
 
     amp, dtype = default_amp(device), amp_dtype(device)
-    augmentation = data.Augmentation("bench", hflip=0.5, jitter=JITTER)
+    augmentation = augment.Augmentation("bench", hflip=0.5, jitter=JITTER)
     samples = [data.Sample(p, f"p{i}", "mask1", 0, 0, 20) for i, p in enumerate(paths)]  # labels unused
-    transform = data.BatchTransform(mean, std, augmentation.noise_std, channels_last=True)
+    transform = augment.BatchTransform(mean, std, augmentation.noise_std, channels_last=True)
     results = {}
     for cached in (True, False):
-        store = data.ImageStore(paths, args.resize, None, cache_dir=workdir / "cache-w0" if cached else None)
+        store = imaging.ImageStore(paths, args.resize, None, cache_dir=workdir / "cache-w0" if cached else None)
         for workers in args.num_workers:
             torch.manual_seed(args.seed)
             model = create_model(args.model, NUM_CLASSES).to(device).to(memory_format=torch.channels_last).train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             train_set = data.MaskDataset(samples, store, range(len(samples)), "all", augmentation=augmentation,
                                          train=True, seed=args.seed)
-            loader = data.make_loader(train_set, args.batch_size, shuffle=True, num_workers=workers,
+            loader = loaders.make_loader(train_set, args.batch_size, shuffle=True, num_workers=workers,
                                       pin_memory=device.type == "cuda", seed=args.seed)
             count, start = 0, None
             for step, (images, targets) in enumerate(loader):
@@ -623,7 +626,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = zoo.resolve_device(args.device)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    workers = args.num_workers if args.num_workers is not None else [data.default_num_workers()]
+    workers = args.num_workers if args.num_workers is not None else [loaders.default_num_workers()]
     args.num_workers = sorted({0, *(int(nw) for nw in workers)})
     if not args.model.startswith(zoo.TIMM_PREFIX):  # a typo: one line with the known names, before any work
         args.model = cli.choose(args.model, zoo.MODELS, "--model")
@@ -655,7 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
         "second_run_ips": one["second_run_ips"],
         "second_run_decodes": one["second_run_decodes"],
         **model_result, **loop,
-        "default_workers_cache": 0, "default_workers_decode": data.default_num_workers(cpu_training=device.type == "cpu"),
+        "default_workers_cache": 0, "default_workers_decode": loaders.default_num_workers(cpu_training=device.type == "cpu"),
         "resize": list(args.resize), "model": args.model, "freeze_blocks": args.freeze_blocks, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -45,6 +45,7 @@ from maskcls.checkpoint import build_model, check_state_name, decision_age_cuts,
 from inference import Member, ensemble_offsets, load_members
 from maskcls.fileio import atomic_write, atomic_write_bytes
 from maskcls.task import PROB_FLOOR, Task, apply_offsets, task_of
+from maskcls import imaging
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}  # format -> file suffix
 INPUT_NAME, OUTPUT_NAME = "images", "probs"
@@ -192,7 +193,7 @@ def write_synthetic_images(folder: Path, n: int, seed: int = 0) -> list[str]:
     import cv2
 
     rng = np.random.default_rng(seed)
-    height, width = data.REFERENCE_FRAME
+    height, width = imaging.REFERENCE_FRAME
     paths = []
     for i in range(n):
         small = rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)
@@ -211,7 +212,7 @@ def parity(run: Callable[[np.ndarray], np.ndarray], members: Sequence[Member], o
     path (its vote, then the offsets)."""
     from inference import vote
 
-    store, _ = data.face_store(list(paths), dict(members[0].ckpt["preprocess"]))
+    store, _ = imaging.face_store(list(paths), dict(members[0].ckpt["preprocess"]))
     images = np.stack([store[i] for i in range(len(store))])
     # one image alone, then the rest as one batch: both batch sizes must work
     exported = np.concatenate([run(images[:1]), *([run(images[1:])] if len(images) > 1 else [])])

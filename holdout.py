@@ -50,7 +50,7 @@ def make_holdout(data_dir: str | os.PathLike, out: str | os.PathLike, val_ratio:
                           else data.split_by_profile(samples, val_ratio, seed, age_bins))
     if not val_idx:
         people = len({s.person for s in samples})
-        raise data.DataError(f"--val_ratio {val_ratio} puts none of the {people} people in the hold-out; raise it")
+        raise cli.DataError(f"--val_ratio {val_ratio} puts none of the {people} people in the hold-out; raise it")
 
     def build(tmp: Path) -> None:
         for i in train_idx:

@@ -31,6 +31,9 @@ from maskcls.fileio import atomic_write_text
 from model import amp_dtype
 from maskcls.task import NUM_CLASSES, decide, task_of
 from maskcls.tracking import add_tracking_flags, class_metrics, step_tracker
+from maskcls import imaging
+from maskcls import augment
+from maskcls import loaders
 
 
 VOTES = ("mean", "geometric")  # how a soft vote combines its members' probabilities (combine_probs)
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how several models' probabilities combine: mean (default) or geometric (the weighted "
                         "mean of log-probabilities, renormalised)")
     p.add_argument("--batch_size", type=cli.positive_int, default=256)
-    p.add_argument("--num_workers", type=cli.non_negative_int, default=data.default_num_workers())
+    p.add_argument("--num_workers", type=cli.non_negative_int, default=loaders.default_num_workers())
     p.add_argument("--tta", choices=["none", "hflip"], default="none", help="hflip: average with the mirrored image")
     p.add_argument("--offsets", choices=["auto", "none"], default="auto",
                    help="auto: apply the per-class decision offsets saved in the checkpoint, if any")
@@ -91,12 +94,12 @@ def predict_probs(ckpt: dict, paths: list[str], batch_size: int = 256, num_worke
     pre = ckpt["preprocess"]
     task, age_cuts = task_of(ckpt), decision_age_cuts(ckpt)
     model = model if model is not None else prepare_model(ckpt, device)
-    transform = data.BatchTransform(pre["mean"], pre["std"], channels_last=True)
+    transform = augment.BatchTransform(pre["mean"], pre["std"], channels_last=True)
     face_run = face_run if face_run is not None else faces.FaceRun(cache_dir)
-    store, located = data.face_store(paths, dict(pre), cache_dir, face_run)
+    store, located = imaging.face_store(paths, dict(pre), cache_dir, face_run)
     if located is not None and progress:
         print(located.summary())
-    loader = data.make_loader(data.TestDataset(store), batch_size, num_workers=num_workers, pin_memory=cuda)
+    loader = loaders.make_loader(data.TestDataset(store), batch_size, num_workers=num_workers, pin_memory=cuda)
     batches = loader
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -113,7 +116,7 @@ def predict_probs(ckpt: dict, paths: list[str], batch_size: int = 256, num_worke
                     probs = (probs + task.probs(model(torch.flip(x, dims=[3])).float(), age_cuts)) / 2
                 out.append(probs.cpu())
     finally:
-        data.close_loaders(loader)
+        loaders.close_loaders(loader)
     if cache_dir:
         store.finalize()
     return torch.cat(out).numpy()
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise InferenceError(f"--output_dir exists and is not a folder: {out_dir}")
     info, paths = data.read_eval_info(args.data_dir)
-    bad = [f"{reason}: {p}" for p in paths if (reason := data.check_image(p))]
+    bad = [f"{reason}: {p}" for p in paths if (reason := imaging.check_image(p))]
     if bad:  # every listed image needs a prediction: name them all before any work
         raise InferenceError(data.listed_images_error(bad, len(paths)))
     face_run = faces.FaceRun(args.cache_dir)

@@ -29,6 +29,7 @@ import dataset as data
 from maskcls import faces
 from maskcls.checkpoint import check_state_name, expand_runs
 from maskcls.task import NUM_CLASSES, apply_offsets, decode18, task_of
+from maskcls import imaging
 
 SUBTASKS = ("mask", "gender", "age")  # decode18's order
 
@@ -100,7 +101,7 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, st
         for f in files:
             # decode too: a file whose compressed data is damaged passes the header check and would
             # stop the whole run in the loader (about a millisecond an image)
-            reason = data.check_image(f, decode=True)
+            reason = imaging.check_image(f, decode=True)
             if reason:
                 bad.append((str(f), reason))
             else:

@@ -75,7 +75,7 @@ class MaskClassifier(mlflow.pyfunc.PythonModel):
         self.class_names = [name.split(" ", 1)[-1] for name in self.members[0].ckpt["classes"]]  # "3 wear/female/<30"
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from dataset import check_image
+        from maskcls.imaging import check_image
         from inference import vote
 
         images = decode_images(model_input)

@@ -39,9 +39,13 @@ from maskcls import faces
 from maskcls.checkpoint import (VALIDATION_SAMPLES, CheckpointSaver, build_metadata, check_resumable, cross_validation_config,
                         load_resumable, present_checkpoints)
 from maskcls.cli import UsageError, optional_bool, str2bool
+from maskcls.overrides import read_label_overrides
 from maskcls.fileio import atomic_write_text
 from maskcls.task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
 from maskcls.tracking import DEFAULT_EXPERIMENT
+from maskcls import imaging
+from maskcls import augment
+from maskcls import loaders
 
 DEMO_DIR = Path("data/demo")
 SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
@@ -340,7 +344,7 @@ def validate_args(args: argparse.Namespace) -> None:
         check_model_name(args.register_model)
         require_tracking(args.tracking_uri, "--register_model needs MLflow tracking")
     if args.label_overrides:
-        data.read_label_overrides(args.label_overrides)  # the file's own faults, before any work
+        read_label_overrides(args.label_overrides)  # the file's own faults, before any work
 
 
 @dataclass
@@ -400,7 +404,7 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int)
     # With the cache nothing is decoded after the first epoch: a worker only adds IPC (bench.py).
     cpu_training = device.type == "cpu"
     workers = args.num_workers if args.num_workers is not None else \
-        (0 if args.cache else data.default_num_workers(cpu_training))
+        (0 if args.cache else loaders.default_num_workers(cpu_training))
     return Settings(task=task, resize=resize, age_bins=age_bins, score_age_bins=tuple(args.score_age_bins or age_bins),
                     amp=default_amp(device) if args.amp is None else args.amp,
                     channels_last=True if args.channels_last is None else args.channels_last,
@@ -588,7 +592,7 @@ def keep_recorded_split(samples: list, train_idx: list[int], val_idx: list[int],
 
 def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin_memory: bool,
                recorded: dict | None = None, cross_validation: bool = False) -> Data:
-    overrides = data.read_label_overrides(args.label_overrides) if args.label_overrides else None
+    overrides = read_label_overrides(args.label_overrides) if args.label_overrides else None
     samples = data.discover(s.data_dir, skip_bad_images=args.skip_bad_images, age_bins=s.age_bins, verbose=is_main(),
                             label_overrides=overrides)
     if args.mode == "all":
@@ -604,13 +608,13 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     log(f"split: {len(train_idx)} train / {len(val_idx)} validation images "
         f"({len({samples[i].person for i in train_idx})} / {len({samples[i].person for i in val_idx})} people)")
     augmentation = data.create_augmentation(args.augmentation)
-    cache_dir = args.cache_dir or data.default_cache_dir()
+    cache_dir = args.cache_dir or imaging.default_cache_dir()
     train_people = {samples[i].person for i in train_idx}
     # Only training photos lean on their sitting: validation photos stand alone, as at prediction.
     # what the checkpoints record; face_store adds the face stage's fallback, learnt from the training photos
     preprocess = {"resize": s.resize, "crop": augmentation.crop, "mean": s.mean, "std": s.std,
                   "face": dict(s.face) if s.face else None}
-    store, located = data.face_store(
+    store, located = imaging.face_store(
         [x.path for x in samples], preprocess, cache_dir if args.cache else None, faces.FaceRun(cache_dir),
         groups=[x.person if x.person in train_people else None for x in samples],
         progress=lambda items: progress(items, "face stage"))
@@ -628,10 +632,10 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     sampler = EpochSampler(len(train_set), args.seed, weights, rank, world)
     # Each loader draws its workers' base seed from a generator of its own: from the global RNG, the
     # draw would happen once per run with persistent workers, so a resumed run's dropout would differ.
-    train_loader = data.make_loader(train_set, args.batch_size, sampler=sampler, num_workers=s.num_workers,
+    train_loader = loaders.make_loader(train_set, args.batch_size, sampler=sampler, num_workers=s.num_workers,
                                     pin_memory=pin_memory, seed=args.seed + rank)
     val_order = list(range(rank, len(val_set), world))  # exact shards: no padding, nothing dropped
-    val_loader = data.make_loader(val_set, args.valid_batch_size, sampler=val_order, num_workers=s.num_workers,
+    val_loader = loaders.make_loader(val_set, args.valid_batch_size, sampler=val_order, num_workers=s.num_workers,
                                   pin_memory=pin_memory, seed=args.seed + rank) if val_idx else None
     return Data(samples, store, train_set, val_set, train_loader, val_loader, sampler, val_order, augmentation,
                 overrides.records() if overrides else [], preprocess, located,
@@ -992,7 +996,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 run_dir = Path(broadcast(str(unique_dir(args.model_dir, run_dir.name)) if is_main() else None, world))
             s.run_dir = str(run_dir)
             model = build_model(args, s, device, pretrained=args.pretrained and not resumed)
-            transform = data.BatchTransform(s.mean, s.std, d.augmentation.noise_std, s.channels_last)
+            transform = augment.BatchTransform(s.mean, s.std, d.augmentation.noise_std, s.channels_last)
             steps_per_epoch = math.ceil(len(d.train_loader) / args.accum_steps)
             opt = build_optimisation(args, model, task, np.array(d.train_set.targets), steps_per_epoch, device, s.amp)
             forward_model = forward_module(model, device, world, args.sync_bn, args.compile)
@@ -1072,7 +1076,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         return RunResult(run_dir, best, metrics, exit_code=cli.exit_code(e))
     finally:
         if d is not None:
-            data.close_loaders(d.train_loader, d.val_loader)
+            loaders.close_loaders(d.train_loader, d.val_loader)
     summary = f"best val macro F1 {best['f1']:.4f} (epoch {best['epoch'] + 1}), " if d.val_loader else ""
     log(f"done: {summary}checkpoints in {run_dir}"
         + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker.run_id else "")

@@ -313,3 +313,7 @@ def ranged(low: float, high: float, *, low_open: bool = False, high_open: bool =
         return kind(number)
     check.__name__ = f"{kind.__name__} in range"
     return check
+
+
+class DataError(ToolkitError, ValueError):
+    """Bad input data; the message is one line and names the offending path."""

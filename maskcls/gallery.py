@@ -50,7 +50,7 @@ def thumbnail(path: str | os.PathLike | None, size: tuple[int, int] = THUMB) -> 
     """RGB uint8 [H, W, 3] letterboxed into `size`, or None when the file cannot be read."""
     import cv2
 
-    from dataset import jpeg_reduction, load_image
+    from maskcls.imaging import jpeg_reduction, load_image
 
     if path is None or not os.path.isfile(path):
         return None

@@ -331,3 +331,13 @@ def task_of(checkpoint: dict) -> Task:
     """The task a checkpoint was trained for (format mask-toolkit/1; age_sigma absent in older files)."""
     options = checkpoint.get("task_options") or {}
     return Task(checkpoint["task"], options.get("age_head", "bins"), float(options.get("age_sigma", 0.0)))
+
+
+# --------------------------------------------------------------------------- labels
+MASK_KINDS = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
+
+
+GENDERS = {"male": 0, "female": 1}
+
+
+MAX_AGE = 130  # years: a folder name or an override above it is a typo, not a person

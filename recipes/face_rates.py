@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset as data  # noqa: E402
 from maskcls import faces  # noqa: E402
+from maskcls import imaging
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     samples = data.discover(args.data_dir, verbose=False)
     people = sorted({s.person for s in samples})[:args.people]
     chosen = [s for s in samples if s.person in set(people)]
-    images = [data.load_image(s.path) for s in chosen]
+    images = [imaging.load_image(s.path) for s in chosen]
     print(f"{len(chosen)} photos of {len(people)} people from {args.data_dir}")
     print("thresholds       masked          incorrect      unmasked       far  ms/image")
     for text in args.thresholds:

@@ -18,7 +18,8 @@ import audit
 from maskcls import cli
 import dataset as data
 from maskcls.checkpoint import atomic_save, build_metadata, load_checkpoint
-from maskcls.task import AGE_THRESHOLDS, get_task
+from maskcls.task import MASK_KINDS, AGE_THRESHOLDS, get_task
+from maskcls import overrides
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Measured on 240 demo people (3 inject/train seeds): recall among the top 2 x injected suspects was
@@ -105,7 +106,7 @@ def test_planted_errors_rank_first_with_the_right_suggestion(planted, tmp_path, 
 def test_single_part_tasks_audit_what_their_labels_say(planted, tmp_path, task, kinds):
     """The planted run seen by a 6-class or a 3-class model: only the errors its labels carry are found."""
     run, truth = planted
-    samples = [data.Sample(r["path"], r["person"], r["kind"], data.MASK_KINDS[r["kind"]], 0, int(r["age"]))
+    samples = [data.Sample(r["path"], r["person"], r["kind"], MASK_KINDS[r["kind"]], 0, int(r["age"]))
                for r in csv.DictReader(open(run / "val_samples.csv"))]
     probs18, labels18 = np.load(run / "val_probs.npy"), np.load(run / "val_labels.npy")
     probs = probs18.reshape(-1, 3, 6).sum(1) if task == "genderage" else probs18.reshape(-1, 3, 6).sum(2)
@@ -131,7 +132,7 @@ def test_audit_csv_columns_order_and_picture(planted, tmp_path):
     assert rows and scores == sorted(scores, reverse=True) and min(scores) > 0
     assert {r[2] for r in rows} <= set(audit.KINDS)
     assert (tmp_path / "a" / "audit.png").read_bytes()[:8] == PNG
-    assert data.read_label_overrides(tmp_path / "a" / "audit.csv").rows  # audit.csv is an overrides file as it is
+    assert overrides.read_label_overrides(tmp_path / "a" / "audit.csv").rows  # audit.csv is an overrides file as it is
 
 
 def test_years_head_suggests_its_expected_age(demo_root, tmp_path):

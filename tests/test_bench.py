@@ -4,6 +4,9 @@ import math
 
 import bench
 from model import IMAGENET_MEAN, IMAGENET_STD
+from maskcls import imaging
+from maskcls import augment
+from maskcls import loaders
 
 
 def test_bench_main_prints_table_and_final_json(capsys):
@@ -75,7 +78,7 @@ def test_batch_transform_chunks_match_the_plain_formula():
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     for channels_last in (False, True):
-        bt = data.BatchTransform(mean, std, channels_last=channels_last)
+        bt = augment.BatchTransform(mean, std, channels_last=channels_last)
         for train in (False, True):  # no noise: training is the same normalisation
             out = bt(images, train=train)
             assert torch.allclose(out, expected, atol=1e-5)
@@ -92,8 +95,8 @@ def test_uint8_colour_jitter_matches_the_float_formula():
 
     img = np.random.default_rng(0).integers(0, 256, (60, 50, 3), dtype=np.uint8)
     for seed in range(5):
-        out = data.jitter_colours(img, (0.3, 0.3, 0.3, 0.1), np.random.default_rng(seed))
-        matrix, offset_weight = data.colour_jitter_matrix((0.3, 0.3, 0.3, 0.1), np.random.default_rng(seed))
+        out = augment.jitter_colours(img, (0.3, 0.3, 0.3, 0.1), np.random.default_rng(seed))
+        matrix, offset_weight = augment.colour_jitter_matrix((0.3, 0.3, 0.3, 0.1), np.random.default_rng(seed))
         x = img.reshape(-1, 3).astype(np.float64)
         expected = (x @ matrix.T + offset_weight @ x.mean(axis=0)).clip(0, 255).reshape(img.shape)
         assert out.dtype == np.uint8 and out.shape == img.shape
@@ -112,11 +115,11 @@ def test_collate_matches_default_collate_in_and_out_of_workers(tmp_path):
     rng = np.random.default_rng(0)
     batch = [(torch.from_numpy(rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)).permute(2, 0, 1), i, torch.tensor((i, 1, 2)))
              for i in range(4)]
-    got, want = data.collate(batch), default_collate(batch)
+    got, want = loaders.collate(batch), default_collate(batch)
     assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
     assert got[0].is_contiguous()
     # anything else falls back to default_collate
-    assert torch.equal(data.collate([torch.ones(2), torch.zeros(2)]), torch.stack([torch.ones(2), torch.zeros(2)]))
+    assert torch.equal(loaders.collate([torch.ones(2), torch.zeros(2)]), torch.stack([torch.ones(2), torch.zeros(2)]))
 
     class Images(torch.utils.data.Dataset):
         def __len__(self):
@@ -125,7 +128,7 @@ def test_collate_matches_default_collate_in_and_out_of_workers(tmp_path):
         def __getitem__(self, i):
             return batch[i][0], i
 
-    loader = data.make_loader(Images(), batch_size=4, num_workers=1)
+    loader = loaders.make_loader(Images(), batch_size=4, num_workers=1)
     images, labels = next(iter(loader))
     assert torch.equal(images, want[0]) and labels.tolist() == [0, 1, 2, 3]
 
@@ -144,28 +147,28 @@ def test_jpeg_reduction_never_upsamples(tmp_path):
     exif[0x010E] = "x" * 5000  # a long APP1 segment before the frame header
     Image.fromarray(img).save(tmp_path / "e.jpg", quality=90, exif=exif)
     for name in ("a.jpg", "p.jpg", "e.jpg"):
-        assert data.jpeg_size(tmp_path / name) == (384, 512)
-        assert data.jpeg_size(data.read_bytes(tmp_path / name)) == (384, 512)  # the bytes, read once
-    raw = data.read_bytes(tmp_path / "e.jpg")
+        assert imaging.jpeg_size(tmp_path / name) == (384, 512)
+        assert imaging.jpeg_size(imaging.read_bytes(tmp_path / name)) == (384, 512)  # the bytes, read once
+    raw = imaging.read_bytes(tmp_path / "e.jpg")
     for cut in (1, 2, 3, 4, 6, 100, 5000):  # cut before the frame header: no size, no exception
-        assert data.jpeg_size(raw[:cut]) is None, cut
-    assert data.jpeg_size(tmp_path / "missing.jpg") is None and data.read_bytes(tmp_path / "missing.jpg") is None
-    assert data.jpeg_size(tmp_path / "a.png") is None and data.jpeg_reduction(tmp_path / "a.png", (96, 72)) == 1
-    assert data.jpeg_reduction(tmp_path / "a.jpg", (224, 224)) == 1  # 192 wide at 1/2: too narrow
-    assert data.jpeg_reduction(tmp_path / "a.jpg", (256, 192)) == 2
-    assert data.jpeg_reduction(tmp_path / "a.jpg", (128, 96)) == 4
-    assert data.jpeg_reduction(tmp_path / "a.jpg", (64, 48)) == 8
+        assert imaging.jpeg_size(raw[:cut]) is None, cut
+    assert imaging.jpeg_size(tmp_path / "missing.jpg") is None and imaging.read_bytes(tmp_path / "missing.jpg") is None
+    assert imaging.jpeg_size(tmp_path / "a.png") is None and imaging.jpeg_reduction(tmp_path / "a.png", (96, 72)) == 1
+    assert imaging.jpeg_reduction(tmp_path / "a.jpg", (224, 224)) == 1  # 192 wide at 1/2: too narrow
+    assert imaging.jpeg_reduction(tmp_path / "a.jpg", (256, 192)) == 2
+    assert imaging.jpeg_reduction(tmp_path / "a.jpg", (128, 96)) == 4
+    assert imaging.jpeg_reduction(tmp_path / "a.jpg", (64, 48)) == 8
     # with a crop, what counts is the cropped region: centre 256x256 of the frame, 1/4 is 64x64
-    assert data.jpeg_reduction(tmp_path / "a.jpg", (64, 64), ("center", 256, 256)) == 4
-    assert data.jpeg_reduction(tmp_path / "a.jpg", (65, 64), ("center", 256, 256)) == 2
+    assert imaging.jpeg_reduction(tmp_path / "a.jpg", (64, 64), ("center", 256, 256)) == 4
+    assert imaging.jpeg_reduction(tmp_path / "a.jpg", (65, 64), ("center", 256, 256)) == 2
     # a reduced decode gives the requested size and nearly the same pixels as a full decode
-    store = data.ImageStore([str(tmp_path / "a.jpg")], (128, 96))
-    reduced, full = store.decode(0), data.preprocess(data.load_image(tmp_path / "a.jpg"), (128, 96))
+    store = imaging.ImageStore([str(tmp_path / "a.jpg")], (128, 96))
+    reduced, full = store.decode(0), imaging.preprocess(imaging.load_image(tmp_path / "a.jpg"), (128, 96))
     assert reduced.shape == full.shape == (128, 96, 3)
     smooth = np.full((512, 384, 3), 90, np.uint8)
     smooth[:, 192:] = 200  # two flat halves: both decodes must agree away from the edge
     Image.fromarray(smooth).save(tmp_path / "s.jpg", quality=95)
-    out = data.ImageStore([str(tmp_path / "s.jpg")], (128, 96)).decode(0).astype(int)
+    out = imaging.ImageStore([str(tmp_path / "s.jpg")], (128, 96)).decode(0).astype(int)
     assert abs(out[:, :40] - 90).max() <= 3 and abs(out[:, 56:] - 200).max() <= 3
 
 
@@ -175,7 +178,7 @@ def test_hflip_is_a_mirror():
     import dataset as data
 
     img = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-    aug = data.Augmentation("t", hflip=1.0)
+    aug = augment.Augmentation("t", hflip=1.0)
     out = aug.cpu_transform(img, np.random.default_rng(0))
     assert np.array_equal(out, img[:, ::-1]) and out.flags["C_CONTIGUOUS"]
 

@@ -21,6 +21,7 @@ import train
 from maskcls.checkpoint import CheckpointError, load_checkpoint, validation_samples
 from conftest import TINY_TRAIN_ARGS
 from maskcls.fileio import path_escape, within
+from maskcls import cli
 
 
 @pytest.mark.parametrize("text, reason", [("../secret.jpg", "'..' segment"), ("a/../../b.jpg", "'..' segment"),
@@ -58,7 +59,7 @@ def test_info_csv_cannot_steer_reads_outside_images(demo_root, tmp_path, bad, mo
     opened = []
     real = data.listed_path
     monkeypatch.setattr(data, "listed_path", lambda images, image_id: opened.append(image_id) or real(images, image_id))
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(cli.DataError) as e:
         data.read_eval_info(folder)
     message = str(e.value)
     assert "info.csv line 3" in message and repr(bad) in message and "\n" not in message

@@ -14,8 +14,12 @@ from PIL import Image
 
 import dataset as data
 import demo_data
-from dataset import DataError
+from maskcls.cli import DataError
+from maskcls.task import MASK_KINDS
 from model import IMAGENET_MEAN, IMAGENET_STD
+from maskcls import imaging
+from maskcls import augment
+from maskcls import loaders
 
 SIZE = (40, 32)  # (H, W) requested from the datasets
 N_PEOPLE = 18
@@ -68,7 +72,7 @@ def _fake_samples(per_stratum: int = 6) -> list[data.Sample]:
             for _ in range(per_stratum):
                 pid += 1
                 person = f"{pid:06d}_{'female' if gender else 'male'}_Asian_{ages[band]}"
-                for kind, mask in data.MASK_KINDS.items():
+                for kind, mask in MASK_KINDS.items():
                     out.append(data.Sample(f"/x/{person}/{kind}.jpg", person, kind, mask, gender, ages[band]))
     return out
 
@@ -171,7 +175,7 @@ def test_discover_accepts_mixed_case_extensions_and_png(demo, tmp_path):
         ["mask1.JPG", "mask2.jpeg", "mask3.JpEg", "mask4.jpg", "mask5.jpg", "normal.png", "incorrect_mask.PNG"])
     by_kind = {s.kind: s for s in found}
     assert by_kind["normal"].mask == 2 and by_kind["incorrect_mask"].mask == 1 and by_kind["mask1"].mask == 0
-    store = data.ImageStore([s.path for s in found], SIZE)
+    store = imaging.ImageStore([s.path for s in found], SIZE)
     assert all(store[i].shape == (*SIZE, 3) for i in range(len(store)))
 
 
@@ -288,16 +292,16 @@ def test_person_missing_kinds_warns_not_raises(demo, tmp_path):
 
 def test_check_image_accepts_good_and_rejects_bad(demo, tmp_path):
     good = next((demo / "train" / "images").glob("*/mask1.jpg"))
-    assert data.check_image(good) is None
+    assert imaging.check_image(good) is None
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    assert data.check_image(empty)
+    assert imaging.check_image(empty)
     png = tmp_path / "cut.png"
     Image.fromarray(np.zeros((20, 20, 3), np.uint8) + 7).save(png)
-    assert data.check_image(png) is None
+    assert imaging.check_image(png) is None
     raw = png.read_bytes()
     png.write_bytes(raw[:-20])
-    assert "PNG" in data.check_image(png)
+    assert "PNG" in imaging.check_image(png)
 
 
 def _bit_rot(path: Path) -> Path:
@@ -314,9 +318,9 @@ def test_skip_bad_images_also_drops_what_only_decoding_finds(demo, tmp_path):
     each image, so such a file is dropped with the others rather than stopping training later."""
     train = _copy_people(demo, tmp_path, 2)
     rotten = _bit_rot(_people(train)[0] / "mask3.jpg")
-    assert data.check_image(rotten) is None and data.check_image(rotten, decode=True) == "cannot decode image"
+    assert imaging.check_image(rotten) is None and imaging.check_image(rotten, decode=True) == "cannot decode image"
     with pytest.raises(DataError, match="cannot decode image"):
-        data.load_image(rotten)
+        imaging.load_image(rotten)
     with pytest.warns(UserWarning, match=re.escape(f"{rotten} (cannot decode image)")):
         found = data.discover(train, skip_bad_images=True, verbose=False)
     assert len(found) == 13 and str(rotten) not in {s.path for s in found}
@@ -339,7 +343,7 @@ def test_check_image_takes_a_very_large_photo(tmp_path, monkeypatch, recwarn):
     photo = tmp_path / "big.jpg"
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photo)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 > 2 x 100: PIL would refuse it
-    assert data.check_image(photo) is None and data.check_image(photo, decode=True) is None
+    assert imaging.check_image(photo) is None and imaging.check_image(photo, decode=True) is None
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
@@ -442,7 +446,7 @@ def test_every_dataset_name_builds(samples, name):
     spec = data.dataset_spec(name)
     task = spec["task"]
     train_idx, val_idx = data.split_indices(samples, name, 0.2, seed=0)
-    store = data.ImageStore([s.path for s in samples], SIZE)
+    store = imaging.ImageStore([s.path for s in samples], SIZE)
     aug = data.create_augmentation("FastAugmentation")
     train_set = data.MaskDataset(samples, store, train_idx, task, augmentation=aug, train=True)
     val_set = data.MaskDataset(samples, store, val_idx, task)
@@ -460,24 +464,24 @@ def test_every_dataset_name_builds(samples, name):
 
 
 def test_multi_task_targets(samples):
-    store = data.ImageStore([s.path for s in samples], SIZE)
+    store = imaging.ImageStore([s.path for s in samples], SIZE)
     idx = list(range(0, len(samples), 5))
     ds = data.MaskDataset(samples, store, idx, "multi")
     img, target = ds[0]
     assert isinstance(target, torch.Tensor) and target.shape == (3,) and target.dtype == torch.int64
     assert tuple(target.tolist()) == data.decode_class(_expected_label(samples[idx[0]].path))
-    batch_imgs, batch_targets = next(iter(data.make_loader(ds, batch_size=4)))
+    batch_imgs, batch_targets = next(iter(loaders.make_loader(ds, batch_size=4)))
     assert batch_imgs.shape == (4, 3, *SIZE) and batch_targets.shape == (4, 3)
     assert batch_targets[:, 0].max() <= 2 and batch_targets[:, 1].max() <= 1 and batch_targets[:, 2].max() <= 2
 
 
 def test_dataset_rejects_unknown_task(samples):
     with pytest.raises(ValueError, match="genderage"):
-        data.MaskDataset(samples, data.ImageStore([], SIZE), [], "bogus")
+        data.MaskDataset(samples, imaging.ImageStore([], SIZE), [], "bogus")
 
 
 def test_age_bins_reach_dataset_targets(samples):
-    store = data.ImageStore([s.path for s in samples], SIZE)
+    store = imaging.ImageStore([s.path for s in samples], SIZE)
     idx = list(range(len(samples)))
     for bins in ((30, 60), (30, 58), (25, 45)):
         ds = data.MaskDataset(samples, store, idx, "genderage", age_bins=bins)
@@ -490,7 +494,7 @@ def test_every_augmentation_builds_and_yields_size(samples, name):
     aug = data.create_augmentation(name)
     assert aug.name == name
     sub = samples[:14]
-    store = data.ImageStore([s.path for s in sub], SIZE, aug.crop)
+    store = imaging.ImageStore([s.path for s in sub], SIZE, aug.crop)
     idx = list(range(len(sub)))
     train_set = data.MaskDataset(sub, store, idx, augmentation=aug, train=True, seed=0)
     val_set = data.MaskDataset(sub, store, idx, augmentation=aug, train=False)
@@ -508,7 +512,7 @@ def test_train_augmentation_reproducible_per_epoch(samples, name):
     sub = samples[:14]
     aug = data.create_augmentation(name)
     assert aug.is_random
-    store = data.ImageStore([s.path for s in sub], SIZE, aug.crop)
+    store = imaging.ImageStore([s.path for s in sub], SIZE, aug.crop)
     idx = list(range(len(sub)))
 
     def read(epoch: int, seed: int = 0) -> torch.Tensor:
@@ -528,7 +532,7 @@ def test_rotation_turns_the_image_about_its_centre():
     """`rotate` alone (no shift or scale): a bright dot right of the centre moves on a circle around it."""
     img = np.zeros((41, 41, 3), np.uint8)
     img[20, 35] = 255  # 15 px right of the centre (20, 20)
-    aug = data.Augmentation("rot", shift_scale=(0.0, 0.0), rotate=90.0)
+    aug = augment.Augmentation("rot", shift_scale=(0.0, 0.0), rotate=90.0)
     angles = []
     for seed in range(20):
         out = aug.cpu_transform(img, np.random.default_rng(seed))
@@ -543,7 +547,7 @@ def test_random_erase_replaces_one_rectangle_only():
     img = np.full((40, 60, 3), 7, np.uint8)
     fractions = []
     for seed in range(50):
-        out = data.random_erase(img, np.random.default_rng(seed))
+        out = augment.random_erase(img, np.random.default_rng(seed))
         assert out.shape == img.shape and out.dtype == np.uint8
         changed = (out != 7).any(axis=2)
         rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
@@ -567,7 +571,7 @@ def test_erasing_augmentation_erases_about_half_the_images():
 
 def test_validation_ignores_random_augmentation(samples):
     sub = samples[:7]
-    store = data.ImageStore([s.path for s in sub], SIZE)
+    store = imaging.ImageStore([s.path for s in sub], SIZE)
     ds = data.MaskDataset(sub, store, range(7), augmentation=data.create_augmentation("GoodAugmentation"),
                           train=False)
     first = [ds[i][0] for i in range(7)]
@@ -586,7 +590,7 @@ def _uint8_batch(n: int = 4) -> torch.Tensor:
 def test_batch_transform_eval_is_plain_normalisation():
     x = _uint8_batch()
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    bt = data.BatchTransform(mean, std, noise_std=0.2)
+    bt = augment.BatchTransform(mean, std, noise_std=0.2)
     out = bt(x.clone(), train=False)
     expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert out.dtype == torch.float32 and out.shape == x.shape
@@ -600,17 +604,17 @@ def test_colour_jitter_runs_per_sample_in_training_only():
     rng_img = np.random.default_rng(0)
     img = rng_img.integers(0, 256, (16, 12, 3), dtype=np.uint8)
     for jitter in ((0.3, 0, 0, 0), (0, 0.3, 0, 0), (0, 0, 0.3, 0), (0, 0, 0, 0.1), (0.2, 0.2, 0.2, 0.05)):
-        aug = data.Augmentation("j", jitter=jitter)
+        aug = augment.Augmentation("j", jitter=jitter)
         assert aug.is_random
         out = aug.cpu_transform(img, np.random.default_rng(1))
         assert out.dtype == np.uint8 and out.shape == img.shape and not np.array_equal(out, img), jitter
         assert np.array_equal(aug.cpu_transform(img, np.random.default_rng(1)), out)  # the sample's rng decides
     # through the dataset: training images are jittered, validation images never
-    store = data.ImageStore([], (16, 12))
+    store = imaging.ImageStore([], (16, 12))
     store.decode = lambda index: img.copy()
     store.paths = ["a.jpg"]
     samples = [data.Sample("a.jpg", "p0", "mask1", 0, 0, 20)]
-    aug = data.Augmentation("j", jitter=(0.3, 0.3, 0.3, 0.1))
+    aug = augment.Augmentation("j", jitter=(0.3, 0.3, 0.3, 0.1))
     train = data.MaskDataset(samples, store, [0], "all", augmentation=aug, train=True)
     val = data.MaskDataset(samples, store, [0], "all", augmentation=aug, train=False)
     assert not np.array_equal(train[0][0].permute(1, 2, 0).numpy(), img)
@@ -621,35 +625,35 @@ def test_colour_jitter_keeps_grey_and_strength_zero_is_identity():
     # saturation and hue jitter must leave grey pixels grey (they act on colour only)
     grey = np.full((4, 4, 3), 128, dtype=np.uint8)
     for seed in range(5):
-        out = data.jitter_colours(grey, (0, 0, 0.5, 0.2), np.random.default_rng(seed))
+        out = augment.jitter_colours(grey, (0, 0, 0.5, 0.2), np.random.default_rng(seed))
         assert np.abs(out.astype(int) - 128).max() <= 1
     img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    assert np.array_equal(data.jitter_colours(img, (0, 0, 0, 0), np.random.default_rng(0)), img)
+    assert np.array_equal(augment.jitter_colours(img, (0, 0, 0, 0), np.random.default_rng(0)), img)
 
 
 # --------------------------------------------------------------------------- crops
 def test_crop_box_scales_with_resolution():
     # 384x512 photo (W x H): the reference frame itself
-    assert data.crop_box(512, 384, ("center", 256, 256)) == (128, 64, 256, 256)
-    assert data.crop_box(512, 384, ("bust", 384, 384)) == (64, 0, 384, 384)
-    assert data.crop_box(512, 384, ("center", 320, 256)) == (96, 64, 320, 256)
+    assert imaging.crop_box(512, 384, ("center", 256, 256)) == (128, 64, 256, 256)
+    assert imaging.crop_box(512, 384, ("bust", 384, 384)) == (64, 0, 384, 384)
+    assert imaging.crop_box(512, 384, ("center", 320, 256)) == (96, 64, 320, 256)
     # 96x128 photo: a quarter of the size, the same part of the frame
-    assert data.crop_box(128, 96, ("center", 256, 256)) == (32, 16, 64, 64)
-    assert data.crop_box(128, 96, ("bust", 384, 384)) == (16, 0, 96, 96)
-    assert data.crop_box(128, 96, None) == (0, 0, 128, 96)
+    assert imaging.crop_box(128, 96, ("center", 256, 256)) == (32, 16, 64, 64)
+    assert imaging.crop_box(128, 96, ("bust", 384, 384)) == (16, 0, 96, 96)
+    assert imaging.crop_box(128, 96, None) == (0, 0, 128, 96)
     with pytest.raises(ValueError):
-        data.crop_box(128, 96, ("middle", 10, 10))
+        imaging.crop_box(128, 96, ("middle", 10, 10))
 
 
 def test_preprocess_shape_and_crop_content():
     img = np.zeros((128, 96, 3), np.uint8)
     img[32:96, 16:80] = 200  # exactly the centre-256 region of a 96x128 photo
-    out = data.preprocess(img, SIZE, ("center", 256, 256))
+    out = imaging.preprocess(img, SIZE, ("center", 256, 256))
     assert out.shape == (*SIZE, 3) and out.dtype == np.uint8 and out.flags["C_CONTIGUOUS"]
     assert (out == 200).all()
-    full = data.preprocess(img, SIZE)
+    full = imaging.preprocess(img, SIZE)
     assert full.shape == (*SIZE, 3) and (full == 0).any()
-    same = data.preprocess(img, (128, 96))
+    same = imaging.preprocess(img, (128, 96))
     assert np.array_equal(same, img)
 
 
@@ -657,15 +661,15 @@ def test_preprocess_shape_and_crop_content():
 def test_cache_fill_finalize_and_warm_hit(samples, tmp_path):
     paths = [s.path for s in samples[:21]]
     cache = tmp_path / "cache"
-    store = data.ImageStore(paths, SIZE, ("center", 320, 256), cache_dir=cache)
+    store = imaging.ImageStore(paths, SIZE, ("center", 320, 256), cache_dir=cache)
     assert not store.is_complete()
     first = [store[i] for i in range(10)]
     assert store.finalize() is False  # not every row filled yet
     store.fill()
     assert store.finalize() is True and store.is_complete()
 
-    plain = data.ImageStore(paths, SIZE, ("center", 320, 256))
-    warm = data.ImageStore(paths, SIZE, ("center", 320, 256), cache_dir=cache)
+    plain = imaging.ImageStore(paths, SIZE, ("center", 320, 256))
+    warm = imaging.ImageStore(paths, SIZE, ("center", 320, 256), cache_dir=cache)
     assert warm.key == store.key and warm.is_complete()
 
     def no_decode(index):
@@ -683,8 +687,8 @@ def test_cache_fill_finalize_and_warm_hit(samples, tmp_path):
     row[:] = 0
     assert np.array_equal(warm[0], plain[0])
     # a different working size or crop is a different cache
-    assert data.ImageStore(paths, (20, 16), None, cache_dir=cache).key != store.key
-    assert data.ImageStore(paths, SIZE, None, cache_dir=cache).key != store.key
+    assert imaging.ImageStore(paths, (20, 16), None, cache_dir=cache).key != store.key
+    assert imaging.ImageStore(paths, SIZE, None, cache_dir=cache).key != store.key
 
 
 def test_cache_key_changes_with_mtime(samples, tmp_path):
@@ -695,16 +699,16 @@ def test_cache_key_changes_with_mtime(samples, tmp_path):
         shutil.copy(p, dst)
         paths.append(str(dst))
     cache = tmp_path / "cache"
-    store = data.ImageStore(paths, SIZE, cache_dir=cache)
+    store = imaging.ImageStore(paths, SIZE, cache_dir=cache)
     store.fill()
     assert store.finalize()
     st = os.stat(paths[1])
     os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    touched = data.ImageStore(paths, SIZE, cache_dir=cache)
+    touched = imaging.ImageStore(paths, SIZE, cache_dir=cache)
     assert touched.key != store.key and not touched.is_complete()
     # replacing the file's content is picked up, not served stale from the old cache
     Image.fromarray(np.full((64, 48, 3), 255, np.uint8)).save(paths[1], format="JPEG")
-    fresh = data.ImageStore(paths, SIZE, cache_dir=cache)
+    fresh = imaging.ImageStore(paths, SIZE, cache_dir=cache)
     assert fresh[1].min() > 240
 
 
@@ -712,14 +716,14 @@ def test_cache_filled_by_dataloader_workers(samples, tmp_path):
     sub = samples[:28]
     paths = [s.path for s in sub]
     cache = tmp_path / "cache"
-    store = data.ImageStore(paths, SIZE, cache_dir=cache)
+    store = imaging.ImageStore(paths, SIZE, cache_dir=cache)
     ds = data.MaskDataset(sub, store, range(len(sub)))
-    loader = data.make_loader(ds, batch_size=5, num_workers=2)
+    loader = loaders.make_loader(ds, batch_size=5, num_workers=2)
     got = torch.cat([imgs for imgs, _ in loader])
     assert got.shape == (28, 3, *SIZE)
     assert store.finalize() is True  # every row was written by the workers
-    plain = data.ImageStore(paths, SIZE)
-    warm = data.ImageStore(paths, SIZE, cache_dir=cache)
+    plain = imaging.ImageStore(paths, SIZE)
+    warm = imaging.ImageStore(paths, SIZE, cache_dir=cache)
     assert warm.is_complete()
     for i in range(len(paths)):
         expected = plain[i]
@@ -735,13 +739,13 @@ def test_check_image_accepts_jpeg_with_data_after_the_end_marker(demo, tmp_path)
                        ("video", os.urandom(20000))):
         path = tmp_path / f"{name}.jpg"
         path.write_bytes(raw + tail)
-        assert data.check_image(path) is None, name
-        assert data.ImageStore([str(path)], SIZE)[0].shape == (*SIZE, 3)
+        assert imaging.check_image(path) is None, name
+        assert imaging.ImageStore([str(path)], SIZE)[0].shape == (*SIZE, 3)
     cut = tmp_path / "cut.jpg"
     for n in (len(raw) // 3, len(raw) - 2):
         for filler in (b"", b"\x00" * (len(raw) - n), os.urandom(64).replace(b"\xff", b"\x00")):
             cut.write_bytes(raw[:n] + filler)  # a crashed copy, possibly zero-filled to full size
-            assert "truncated JPEG" in data.check_image(cut)
+            assert "truncated JPEG" in imaging.check_image(cut)
 
 
 def test_check_image_accepts_png_with_data_after_iend_and_refuses_a_cut_one(demo, tmp_path):
@@ -752,13 +756,13 @@ def test_check_image_accepts_png_with_data_after_iend_and_refuses_a_cut_one(demo
     for name, tail in (("padded", b"\x00" * 4096), ("trailer", os.urandom(300))):
         path = tmp_path / f"{name}.png"
         path.write_bytes(raw + tail)
-        assert data.check_image(path) is None, name
-        assert np.array_equal(data.load_image(path), data.load_image(whole))
+        assert imaging.check_image(path) is None, name
+        assert np.array_equal(imaging.load_image(path), imaging.load_image(whole))
     cut = tmp_path / "cut.png"
     for n in (len(raw) // 2, len(raw) - 16):  # inside the image data; inside the last data chunk's CRC
         for filler in (b"", b"\x00" * 64):
             cut.write_bytes(raw[:n] + filler)
-            assert "truncated PNG" in data.check_image(cut), (n, len(filler))
+            assert "truncated PNG" in imaging.check_image(cut), (n, len(filler))
 
 
 def test_check_image_catches_a_truncated_multi_picture_jpeg(demo, tmp_path):
@@ -767,10 +771,10 @@ def test_check_image_catches_a_truncated_multi_picture_jpeg(demo, tmp_path):
     photo = Image.open(next((demo / "train" / "images").glob("*/mask1.jpg")))
     path = tmp_path / "phone.jpg"
     photo.save(path, format="MPO", save_all=True, append_images=[photo.resize((24, 32))])
-    assert Image.open(path).format == "MPO" and data.check_image(path) is None
+    assert Image.open(path).format == "MPO" and imaging.check_image(path) is None
     raw = path.read_bytes()
     path.write_bytes(raw[: raw.index(b"\xff\xda") + 100])  # inside the first picture's image data
-    assert Image.open(path).format == "MPO" and "truncated JPEG" in data.check_image(path)
+    assert Image.open(path).format == "MPO" and "truncated JPEG" in imaging.check_image(path)
 
 
 # --------------------------------------------------------------------------- eval info
@@ -781,7 +785,7 @@ def test_read_eval_info_row_order_and_test_dataset(demo):
     assert list(info["ImageID"]) == ids and len(ids) == 6 * 7
     assert [Path(p).name for p in paths] == ids
     assert ids != sorted(ids)  # the demo's rows are shuffled, so order really is preserved
-    ds = data.TestDataset(data.ImageStore(paths, SIZE))
+    ds = data.TestDataset(imaging.ImageStore(paths, SIZE))
     assert len(ds) == len(ids)
     img, i = ds[5]
     assert i == 5 and img.dtype == torch.uint8 and tuple(img.shape) == (3, *SIZE)
@@ -934,7 +938,7 @@ def test_loader_workers_leave_termination_signals_to_the_main_process():
     import signal
 
     before = signal.getsignal(signal.SIGTERM)
-    loader = data.make_loader(_WorkerSignals(), batch_size=2, num_workers=1, worker_init_fn=_mark_init)
+    loader = loaders.make_loader(_WorkerSignals(), batch_size=2, num_workers=1, worker_init_fn=_mark_init)
     term, intr, chained = next(iter(loader))
     assert term.tolist() == [1, 1] and intr.tolist() == [1, 1]  # the workers ignore both
     assert chained.tolist() == [1, 1]  # and the caller's worker_init_fn still ran
@@ -950,13 +954,13 @@ def test_load_image_pil_fallback_turns_exif_rotated_photos_upright(tmp_path, mon
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     path = tmp_path / "rotated.jpg"
     Image.fromarray(pixels).save(path, exif=exif, quality=95)
-    upright = data.load_image(path)
+    upright = imaging.load_image(path)
     assert upright.shape == (40, 20, 3)  # torchvision applies the EXIF orientation
-    monkeypatch.setattr(data, "decode_jpeg_rgb", lambda path: None)
-    opencv = data.load_image(path)
+    monkeypatch.setattr(imaging, "decode_jpeg_rgb", lambda path: None)
+    opencv = imaging.load_image(path)
     assert np.array_equal(opencv, upright)  # and so does OpenCV, to the same pixels
-    monkeypatch.setattr(data.cv2, "imread", lambda *a, **k: None)
-    fallback = data.load_image(path)
+    monkeypatch.setattr(imaging.cv2, "imread", lambda *a, **k: None)
+    fallback = imaging.load_image(path)
     assert fallback.shape == upright.shape and np.abs(fallback.astype(int) - upright).mean() < 3
 
 
@@ -969,15 +973,15 @@ def test_jpeg_decoders_agree_and_other_files_take_the_opencv_way(tmp_path):
              "progressive.jpg": (Image.fromarray(rgb), {"progressive": True})}
     for name, (im, options) in cases.items():
         im.save(tmp_path / name, quality=90, **options)
-        fast = data.decode_jpeg_rgb(tmp_path / name)
+        fast = imaging.decode_jpeg_rgb(tmp_path / name)
         assert fast.shape == (48, 32, 3) and fast.dtype == np.uint8 and fast.flags.c_contiguous
         assert np.array_equal(fast, data.cv2.imread(str(tmp_path / name), data.cv2.IMREAD_COLOR)[..., ::-1]), name
     Image.fromarray(rgb).save(tmp_path / "a.png")
     (tmp_path / "png-named.jpg").write_bytes((tmp_path / "a.png").read_bytes())
     (tmp_path / "header-only.jpg").write_bytes((tmp_path / "colour.jpg").read_bytes()[:40])
     for name in ("a.png", "png-named.jpg", "missing.jpg", "header-only.jpg"):
-        assert data.decode_jpeg_rgb(tmp_path / name) is None, name
-    assert np.array_equal(data.load_image(tmp_path / "png-named.jpg"), rgb)  # OpenCV reads it by content
+        assert imaging.decode_jpeg_rgb(tmp_path / name) is None, name
+    assert np.array_equal(imaging.load_image(tmp_path / "png-named.jpg"), rgb)  # OpenCV reads it by content
 
 
 def test_a_torchvision_without_image_decoders_leaves_decoding_to_opencv(tmp_path, monkeypatch):
@@ -986,21 +990,21 @@ def test_a_torchvision_without_image_decoders_leaves_decoding_to_opencv(tmp_path
 
     rgb = np.random.default_rng(0).integers(0, 256, (48, 32, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=90)
-    before = data.load_image(tmp_path / "a.jpg")
+    before = imaging.load_image(tmp_path / "a.jpg")
     monkeypatch.setitem(sys.modules, "torchvision.io", None)  # `from torchvision.io import ...` now fails
-    assert data.decode_jpeg_rgb(tmp_path / "a.jpg") is None
-    assert np.array_equal(data.load_image(tmp_path / "a.jpg"), before)
-    store = data.ImageStore([str(tmp_path / "a.jpg")], (24, 16))
+    assert imaging.decode_jpeg_rgb(tmp_path / "a.jpg") is None
+    assert np.array_equal(imaging.load_image(tmp_path / "a.jpg"), before)
+    store = imaging.ImageStore([str(tmp_path / "a.jpg")], (24, 16))
     assert store.decode(0).shape == (24, 16, 3)
 
 
 def test_close_loaders_stops_persistent_workers_now():
     """Workers ignore SIGTERM, so they must be shut down by the loader, not left to interpreter exit."""
-    loader = data.make_loader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=4, num_workers=1)
+    loader = loaders.make_loader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=4, num_workers=1)
     assert [b[0].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     workers = list(loader._iterator._workers)
     assert workers and all(w.is_alive() for w in workers)  # persistent: alive between epochs
-    data.close_loaders(loader, None)
+    loaders.close_loaders(loader, None)
     assert loader._iterator is None and not any(w.is_alive() for w in workers)
     assert [b[0].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # usable again
-    data.close_loaders(loader)
+    loaders.close_loaders(loader)

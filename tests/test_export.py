@@ -19,6 +19,7 @@ import export
 import inference
 from maskcls.checkpoint import load_checkpoint, set_decision
 from maskcls.task import Task, apply_offsets, task_of
+from maskcls import imaging
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 FEW = 24  # eval images the comparisons use
@@ -71,7 +72,7 @@ def export_run(capsys, *args) -> str:
 def pipeline_images(eval_dir: Path, ckpt: dict) -> np.ndarray:
     """uint8 [N, H, W, 3] as the toolkit's pipeline decodes, crops and resizes the eval images."""
     pre = ckpt["preprocess"]
-    store = data.ImageStore(data.read_eval_info(eval_dir)[1], pre["resize"], pre["crop"])
+    store = imaging.ImageStore(data.read_eval_info(eval_dir)[1], pre["resize"], pre["crop"])
     return np.stack([store[i] for i in range(len(store))])
 
 

@@ -21,6 +21,8 @@ import inference
 import predict
 import train
 from maskcls.checkpoint import load_checkpoint
+from maskcls import task
+from maskcls import imaging
 from conftest import TINY_TRAIN_ARGS
 
 FRAME = (512, 384)  # (H, W): a competition photo
@@ -104,7 +106,7 @@ def test_no_face_falls_back_and_training_photos_take_their_sitting(astronaut, tm
              _write(tmp_path / "b.jpg", empty)]
     settings = faces.FaceSettings("wide")
     stage = faces.FaceStage(settings)
-    located = stage.locate(paths, data.load_image, groups=["a", "a", None])
+    located = stage.locate(paths, imaging.load_image, groups=["a", "a", None])
     assert located.sources() == ["detected", "sitting", "fallback"]
     assert located.counts() == {"detected": 1, "sitting": 1, "fallback": 1}
     assert "fallback crop for 1 (33.3%)" in located.summary()
@@ -115,33 +117,33 @@ def test_no_face_falls_back_and_training_photos_take_their_sitting(astronaut, tm
     np.testing.assert_allclose(fallback * (FRAME[1], FRAME[0]), located.landmarks[0], atol=0.01 * FRAME[0])
     np.testing.assert_allclose(located.landmarks[2], located.landmarks[0], atol=0.01 * FRAME[0])
     # alone (prediction), the faceless photos fall back
-    alone = faces.FaceStage(settings).locate(paths, data.load_image)
+    alone = faces.FaceStage(settings).locate(paths, imaging.load_image)
     assert alone.sources() == ["detected", "fallback", "fallback"]
 
 
 def test_training_without_any_face_is_one_clear_error(tmp_path):
     paths = [_write(tmp_path / f"{i}.jpg", np.full((64, 48, 3), 90 + i, np.uint8)) for i in range(2)]
     with pytest.raises(faces.FaceStageError, match="found no face in any of 2 training photos"):
-        faces.FaceStage(faces.FaceSettings("chip")).locate(paths, data.load_image, groups=["a", "a"])
+        faces.FaceStage(faces.FaceSettings("chip")).locate(paths, imaging.load_image, groups=["a", "a"])
 
 
 def test_detections_are_cached_by_file_and_setting(astronaut, tmp_path, monkeypatch):
     img, _ = astronaut
     paths = [_write(tmp_path / "p.jpg", place(img, (190, 200), 1.0, 0.0)[0])]
     run = faces.FaceRun(tmp_path / "cache")
-    first = faces.FaceStage(faces.FaceSettings("chip")).locate(paths, data.load_image, cache=run.cache(
+    first = faces.FaceStage(faces.FaceSettings("chip")).locate(paths, imaging.load_image, cache=run.cache(
         faces.FaceSettings().detector_key()))
     assert first.detected_now == 1 and list((tmp_path / "cache").glob("faces-*.npz"))
     calls = []
     monkeypatch.setattr(faces.FaceStage, "detect", lambda self, image: calls.append(1))
     again = faces.FaceRun(tmp_path / "cache")
     second = faces.FaceStage(faces.FaceSettings("wide")).locate(  # another geometry: the same detections
-        paths, data.load_image, cache=again.cache(faces.FaceSettings().detector_key()))
+        paths, imaging.load_image, cache=again.cache(faces.FaceSettings().detector_key()))
     assert calls == [] and second.detected_now == 0 and "all from the cache" in second.summary()
     np.testing.assert_allclose(second.landmarks, first.landmarks)
     other = faces.FaceSettings(min_face=60).detector_key()  # another detector setting: detected again
     fixed = faces.FaceSettings(min_face=60, fallback=[[0.5, 0.4]] * 5)  # a checkpoint's: nothing to learn
-    assert faces.FaceStage(fixed).locate(paths, data.load_image, cache=again.cache(other)).sources() == ["fallback"]
+    assert faces.FaceStage(fixed).locate(paths, imaging.load_image, cache=again.cache(other)).sources() == ["fallback"]
     assert calls == [1]
 
 
@@ -150,14 +152,14 @@ def test_store_cuts_the_face_crop_and_keys_its_cache_by_the_transforms(astronaut
     paths = [_write(tmp_path / "p.jpg", place(img, (200, 210), 1.1, 6.0)[0])]
     pre = {"resize": [150, 150], "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3,
            "face": faces.FaceSettings("chip").to_dict()}
-    store, located = data.face_store(paths, pre, tmp_path / "images")
+    store, located = imaging.face_store(paths, pre, tmp_path / "images")
     crop = store[0]
     assert crop.shape == (150, 150, 3) and located.sources() == ["detected"]
     assert pre["face"]["fallback"] is not None  # a training call learns its fallback
     # the crop equals the full-resolution warp (the JPEG decoder's reduction is compensated exactly enough)
-    full = faces.warp(data.load_image(paths[0]), located.transforms("chip", (150, 150))[0], (150, 150))
+    full = faces.warp(imaging.load_image(paths[0]), located.transforms("chip", (150, 150))[0], (150, 150))
     assert np.abs(crop.astype(int) - full.astype(int)).mean() < 4
-    plain = data.ImageStore(paths, (150, 150), None, tmp_path / "images")
+    plain = imaging.ImageStore(paths, (150, 150), None, tmp_path / "images")
     assert plain.key != store.key
 
 
@@ -168,7 +170,7 @@ def _portrait_set(root, astronaut_img, people: int = 6) -> None:
         gender, age = ("female", 25 + 10 * p) if p % 2 else ("male", 20 + 9 * p)
         name = f"{p:06d}_{gender}_Asian_{age}"
         frame = place(astronaut_img, (170 + 8 * p, 170 + 6 * p), 0.8 + 0.05 * p, 3.0 * (p - 3), seed=p)[0]
-        for kind in data.MASK_KINDS:
+        for kind in task.MASK_KINDS:
             _write(root / "train" / "images" / name / f"{kind}.jpg", frame)
         rows.append((f"{p:06d}", gender, "Asian", age, name))
     pd.DataFrame(rows, columns=["id", "gender", "race", "age", "path"]).to_csv(root / "train" / "train.csv", index=False)

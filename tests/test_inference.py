@@ -18,6 +18,8 @@ import dataset as data
 import evaluation
 import inference
 from maskcls.checkpoint import CheckpointError, atomic_save, build_model, load_checkpoint
+from maskcls import imaging
+from maskcls import augment
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -236,8 +238,8 @@ def test_multi_head_probabilities_are_the_product_of_heads(multi_run, demo_root,
     paths = data.read_eval_info(demo_root / "eval")[1][:16]
     probs = inference.predict_probs(ckpt, paths, progress=False)
     pre = ckpt["preprocess"]
-    store = data.ImageStore(paths, pre["resize"], pre["crop"])
-    x = data.BatchTransform(pre["mean"], pre["std"])(torch.stack([torch.from_numpy(store[i]).permute(2, 0, 1)
+    store = imaging.ImageStore(paths, pre["resize"], pre["crop"])
+    x = augment.BatchTransform(pre["mean"], pre["std"])(torch.stack([torch.from_numpy(store[i]).permute(2, 0, 1)
                                                                    for i in range(len(paths))]))
     with torch.inference_mode():
         logits = build_model(ckpt)(x)
@@ -287,7 +289,7 @@ def _bad_inputs(tmp_path: Path, demo_root: Path, trained_run: Path, mask_run: Pa
 
 def test_bad_inputs_raise_one_line_errors_naming_the_file(trained_run, mask_run, demo_root, tmp_path):
     for name, (argv, culprit) in _bad_inputs(tmp_path, demo_root, trained_run, mask_run[0]).items():
-        with pytest.raises((inference.InferenceError, data.DataError, CheckpointError)) as err:
+        with pytest.raises((inference.InferenceError, cli.DataError, CheckpointError)) as err:
             infer(tmp_path / "out", *argv)
         message = str(err.value)
         assert "\n" not in message and str(culprit) in message, (name, message)
@@ -306,7 +308,7 @@ def test_every_bad_listed_image_is_named_at_once(trained_run, demo_root, tmp_pat
     assert f"): {images[0]}" in message and f"empty file: {images[2]}" in message and str(images[1]) not in message
     with open(eval_dir / "info.csv", "a") as f:
         f.writelines(f"gone{i}.jpg,0\n" for i in range(7))
-    with pytest.raises(data.DataError, match=r"^7 of 10 images listed in info.csv cannot be used: not found: .*gone0.jpg"
+    with pytest.raises(cli.DataError, match=r"^7 of 10 images listed in info.csv cannot be used: not found: .*gone0.jpg"
                                              r".*gone4.jpg; and 2 more$"):
         infer(tmp_path / "out", "--data_dir", eval_dir, "--model_dir", trained_run)
     assert not (tmp_path / "out").exists()

@@ -11,6 +11,8 @@ from maskcls import cli
 import dataset as data
 import train
 from maskcls.checkpoint import load_checkpoint
+from maskcls import task
+from maskcls import overrides
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 HEADER = "person,image,kind,score,label,suggested\n"
@@ -41,7 +43,7 @@ def test_discover_applies_each_kind(demo_root, people, tmp_path, capsys):
     for key, s in after.items():
         old = before[key]
         if key[0] == a:
-            assert s.gender == data.GENDERS[other] and (s.mask, s.age) == (old.mask, old.age)
+            assert s.gender == task.GENDERS[other] and (s.mask, s.age) == (old.mask, old.age)
         elif key[0] == b:
             assert s.age == age_b + 30 and (s.mask, s.gender) == (old.mask, old.gender)
         elif key == (c, "normal.jpg"):
@@ -73,7 +75,7 @@ def test_bad_rows_are_one_error_line(demo_root, people, tmp_path, row, fragment)
     p = people[0]
     g = p.split("_")[1]
     path = overrides_file(tmp_path, row.format(p=p, g=g, wrong="female" if g == "male" else "male"))
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(cli.DataError) as e:
         data.discover(demo_root / "train", verbose=False, label_overrides=path)
     assert fragment in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
 
@@ -88,8 +90,8 @@ def test_bad_files_are_one_error_line(demo_root, people, tmp_path):
     for name, (text, fragment) in cases.items():
         if text is not None:
             (tmp_path / name).write_text(text)
-        with pytest.raises(data.DataError, match=None) as e:
-            data.read_label_overrides(tmp_path / name)
+        with pytest.raises(cli.DataError, match=None) as e:
+            overrides.read_label_overrides(tmp_path / name)
         assert fragment in str(e.value), (name, str(e.value))
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from maskcls import cli
 import dataset as data
+from maskcls import imaging
 import predict
 from tests.test_export import few_eval, infer, offsets_run  # noqa: F401 (fixtures)
 
@@ -145,9 +146,9 @@ def undecodable_jpeg(src: str, dst: Path) -> Path:
 def test_undecodable_jpeg_is_skipped_and_the_rest_predicted(trained_run, few_eval, tmp_path, capsys):
     good = eval_paths(few_eval)[:2]
     bad = undecodable_jpeg(good[0], tmp_path / "corrupt.jpg")
-    assert data.check_image(bad) is None and cv2.imread(str(bad)) is None  # the quick check cannot tell
-    with pytest.raises(data.DataError, match="cannot decode image"):
-        data.load_image(bad)
+    assert imaging.check_image(bad) is None and cv2.imread(str(bad)) is None  # the quick check cannot tell
+    with pytest.raises(cli.DataError, match="cannot decode image"):
+        imaging.load_image(bad)
     code, out, err = run_predict(capsys, "--model_dir", trained_run, good[0], bad, good[1])
     assert code == 0, err
     assert list(text_blocks(out)) == good

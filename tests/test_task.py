@@ -22,6 +22,9 @@ import train
 from maskcls.checkpoint import CheckpointError, build_model, load_checkpoint, set_decision
 from maskcls.task import (AGE_THRESHOLDS, Task, age_group_probs_from_survival, apply_offsets, decide, get_task, join_labels,
                   split_labels, split_probs, task_of)
+from maskcls import imaging
+from maskcls import augment
+from maskcls import loaders
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,18 +137,18 @@ def test_train_one_epoch_and_validate_called_directly(demo_root):
     torch.manual_seed(0)
     task = get_task("multi")
     samples = data.discover(demo_root / "train", verbose=False)
-    store = data.ImageStore([s.path for s in samples], (32, 24), None)
+    store = imaging.ImageStore([s.path for s in samples], (32, 24), None)
     train_idx, val_idx = data.split_by_profile(samples, 0.25, 0, (30, 60))
     train_set = data.MaskDataset(samples, store, train_idx, task, (30, 60), train=True)
     val_set = data.MaskDataset(samples, store, val_idx, task, (30, 60))
-    loader = data.make_loader(train_set, 64, shuffle=True)
+    loader = loaders.make_loader(train_set, 64, shuffle=True)
     model = create_model("SmallCNN", 18, multihead=task.head_sizes)
     args = train.build_parser().parse_args(["--epochs", "1", "--lr", "0.003"])
     opt = train.build_optimisation(args, model, task, np.array(train_set.targets), len(loader), torch.device("cpu"), False)
-    transform = data.BatchTransform((0.5,) * 3, (0.5,) * 3)
+    transform = augment.BatchTransform((0.5,) * 3, (0.5,) * 3)
     metrics = train.train_one_epoch(model, loader, opt, transform, task, (30, 60), torch.device("cpu"), log_interval=10**6)
     assert metrics["train_images"] == len(train_set) and 0 <= metrics["train_acc"] <= 1 and metrics["train_loss"] > 0
-    val = train.validate(model, data.make_loader(val_set, 100), opt.criterion, transform, task, (30, 60),
+    val = train.validate(model, loaders.make_loader(val_set, 100), opt.criterion, transform, task, (30, 60),
                          torch.device("cpu"))
     assert val.probs.shape == (len(val_set), 18) and val.logits.shape == (len(val_set), 8)
     assert np.allclose(val.probs.sum(1), 1, atol=1e-5) and (val.pred == val.probs.argmax(1)).all()

@@ -23,6 +23,8 @@ from sklearn.metrics import f1_score
 import dataset as data
 import train
 from maskcls.checkpoint import CheckpointError, build_model, load_checkpoint
+from maskcls import augment
+from maskcls import loaders
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -155,7 +157,7 @@ def test_resume_continues_exactly(tiny_train, tiny_train_args, demo_root, tmp_pa
     """Ctrl-C in epoch 2 of 2, then --resume: same epochs, same optimizer state, same final weights
     as the uninterrupted run (num_workers 0, one thread: bitwise)."""
     reference = load_checkpoint(tiny_train()[0] / "last.pth")
-    real_transform = data.BatchTransform.__call__
+    real_transform = augment.BatchTransform.__call__
     seen = {"validated": False, "batches_after": 0}
 
     def ctrl_c_in_epoch_2(self, images, train=False):
@@ -167,13 +169,13 @@ def test_resume_continues_exactly(tiny_train, tiny_train_args, demo_root, tmp_pa
                 raise KeyboardInterrupt
         return real_transform(self, images, train=train)
 
-    monkeypatch.setattr(data.BatchTransform, "__call__", ctrl_c_in_epoch_2)
+    monkeypatch.setattr(augment.BatchTransform, "__call__", ctrl_c_in_epoch_2)
     rc, run = run_train(tmp_path, tiny_train_args, demo_root / "train")
     out = capsys.readouterr().out
     assert rc == 130 and "interrupted in epoch 2" in out and epochs_trained(out) == [1]
     saved = load_checkpoint(run / "last.pth")
     assert saved["epoch"] == 0  # the last complete epoch, not the half-done one
-    monkeypatch.setattr(data.BatchTransform, "__call__", real_transform)
+    monkeypatch.setattr(augment.BatchTransform, "__call__", real_transform)
 
     loaded = {}
     original = torch.optim.Optimizer.load_state_dict
@@ -390,8 +392,8 @@ def test_cpu_defaults_reuse_memory_and_no_decoding_worker_on_two_cores(tiny_trai
 def test_default_num_workers_by_cores_and_device(monkeypatch):
     for cores, cpu, gpu in ((1, 0, 0), (2, 0, 1), (4, 3, 3), (16, 8, 8)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
-        assert data.default_num_workers(cpu_training=True) == cpu, cores
-        assert data.default_num_workers() == gpu, cores
+        assert loaders.default_num_workers(cpu_training=True) == cpu, cores
+        assert loaders.default_num_workers() == gpu, cores
 
 
 def test_reuse_freed_memory_sets_glibc_malloc_or_says_no(monkeypatch):
