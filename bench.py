@@ -70,6 +70,7 @@ from maskcls.task import NUM_CLASSES
 from maskcls import imaging
 from maskcls import augment
 from maskcls import loaders
+from maskcls import runtime
 
 REQUIRED_KEYS = ("reference_ips", "cold_ips", "warm_ips", "cold_ratio", "warm_ratio", "train_ips", "infer_ips",
                  "infer_eager_ips", "resize", "model", "device")
@@ -237,7 +238,7 @@ def bench_pipelines(paths: list[str], args, mean, std, device: torch.device, wor
                     reuse_memory: bool) -> tuple[dict[int, dict], bool]:
     """The pipelines' rates by worker count, and whether --reuse_memory took effect (it is switched
     on here, after the original's reference epochs, when `reuse_memory`)."""
-    from model import reuse_freed_memory
+    from maskcls.runtime import reuse_freed_memory
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -298,13 +299,14 @@ INFER_VARIANTS = {"infer_contiguous_ips": (False, False), "infer_channels_last_i
 def default_variant(device: torch.device, variants: dict[str, tuple[bool, bool]]) -> str:
     """The one of `variants` train.py and inference.py use by default here: channels_last, and autocast
     where model.default_amp says (CUDA)."""
-    from model import default_amp
+    from maskcls.runtime import default_amp
 
     return next(name for name, variant in variants.items() if variant == (True, default_amp(device)))
 
 
 def bench_model(args, device: torch.device) -> dict:
-    from model import amp_dtype, create_model, slow_amp_warning, trainable_parameters  # train.py's precision
+    from model import create_model, trainable_parameters  # train.py's precision
+    from maskcls.runtime import amp_dtype, slow_amp_warning
 
     b, (h, w) = args.batch_size, args.resize
     gen = torch.Generator().manual_seed(args.seed)
@@ -360,7 +362,8 @@ def bench_loop(paths: list[str], args, mean, std, device: torch.device, workdir:
     """A real training loop (loader + the default model step) for a few batches: with the warm cache
     or decoding every image, in the main process or in workers, at torch's thread count: the choices
     behind train.py's `--num_workers` default. images/s after one warm-up batch."""
-    from model import amp_dtype, create_model, default_amp
+    from model import create_model
+    from maskcls.runtime import amp_dtype, default_amp
 
     amp, dtype = default_amp(device), amp_dtype(device)
     augmentation = augment.Augmentation("bench", hflip=0.5, jitter=JITTER)
@@ -623,7 +626,7 @@ def main(argv: list[str] | None = None) -> dict:
     import model as zoo
 
     try:
-        device = zoo.resolve_device(args.device)
+        device = runtime.resolve_device(args.device)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     workers = args.num_workers if args.num_workers is not None else [loaders.default_num_workers()]
@@ -644,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"generating {args.n} 384x512 JPEGs ...", file=sys.stderr)
             paths, source = make_images(workdir / "images", args.n, seed=args.seed), "generated 384x512 JPEG"
         print("input pipelines ...", file=sys.stderr)
-        reuse_memory = zoo.default_reuse_memory(device) if args.reuse_memory is None else args.reuse_memory
+        reuse_memory = runtime.default_reuse_memory(device) if args.reuse_memory is None else args.reuse_memory
         pipeline, reuse_memory = bench_pipelines(paths, args, info.mean, info.std, device, workdir, reuse_memory)
         print("training loop ...", file=sys.stderr)
         loop = bench_loop(paths, args, info.mean, info.std, device, workdir) if args.loop_steps else {}

@@ -28,7 +28,7 @@ from maskcls import faces
 from maskcls.checkpoint import (CheckpointError, build_model, check_state_name, decision_age_cuts, expand_runs,
                         load_checkpoint, resolve_state_path)
 from maskcls.fileio import atomic_write_text
-from model import amp_dtype
+from maskcls.runtime import amp_dtype
 from maskcls.task import NUM_CLASSES, decide, task_of
 from maskcls.tracking import add_tracking_flags, class_metrics, step_tracker
 from maskcls import imaging
@@ -272,7 +272,7 @@ def mask_genderage_pair(mask_dir: str, genderage_dir: str, state: str, paths: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model import resolve_device
+    from maskcls.runtime import resolve_device
 
     args = build_parser().parse_args(argv)
     check_state_name(args.state)  # before any image is read

@@ -5,12 +5,10 @@ Public API (used by train.py / inference.py):
 - ``MODELS``: registry ``name -> ModelInfo`` filled by ``@register_model``.
 - ``create_model(name, num_classes, pretrained=False, multihead=False, **options)``.
 - ``model_info(name)``: documented input size (H, W) and normalisation mean/std.
-- ``amp_dtype(device)`` / ``resolve_device(name)``: where and in which precision a model runs;
-  ``reuse_freed_memory()`` / ``default_reuse_memory(device)``: the allocator setting train.py and bench.py
-  use on a CPU.
-  The multi-head layout and logits -> probabilities live in task.py.
+  The multi-head layout and logits -> probabilities live in maskcls/task.py; where and in which precision
+  a model runs in maskcls/runtime.py; the pretrained-weight checks in maskcls/hub.py.
 - ``trainable_parameters(model)``: what the optimizer should receive.
-- ``PretrainedUnavailable``: raised within seconds when hub weights are neither cached nor downloadable.
+- ``PretrainedUnavailable`` (maskcls/hub.py): raised within seconds when hub weights are neither cached nor downloadable.
 
 Every model is a ``ZooModel`` wrapping the real network in ``.net``. In eval mode its forward returns
 logits ``[N, num_classes]`` (``[N, 8]`` multi-head); in train mode ``Inception`` returns the tuple
@@ -23,20 +21,14 @@ lazily inside the builders so that importing this module stays cheap.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import socket
-import threading
 from dataclasses import dataclass
-from typing import Callable, NoReturn
-from urllib.parse import urlparse
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from maskcls.dlib import DLIB_FACE_MEAN, DLIB_FACE_STD, DlibFaceResNet, dlib_weights_file, load_dlib_face_weights
+from maskcls.hub import PretrainedUnavailable, require_hub_file, require_timm_weights
 from maskcls.task import HEAD_SIZES  # default multi-head layout [mask 3 | gender 2 | age 3]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,11 +36,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 TIMM_PREFIX = "timm:"
-PROBE_TIMEOUT_S = 3.0
-
-
-class PretrainedUnavailable(RuntimeError):
-    """Pretrained weights are neither in the local cache nor downloadable (offline)."""
 
 
 @dataclass(frozen=True)
@@ -178,173 +165,14 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """Autocast precision: bf16 where the hardware has it (no loss scaling needed), else fp16 on CUDA."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
-def cpu_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX). Without it autocast emulates
-    bf16: on an AVX2 EPYC EfficientNet-Lite0 128 trained at 3.2 img/s under autocast against 33 in
-    fp32. torch exposes the check only privately, so an older or newer torch without it says no."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def slow_amp_warning(device: torch.device) -> str | None:
-    """One line when autocast on `device` would be slower than fp32 (a CPU without native bf16)."""
-    if device.type != "cpu" or cpu_native_bf16():
-        return None
-    return ("this CPU has no native bf16 (no AVX-512 BF16 or AMX), so autocast emulates it: about 10x "
-            "slower than fp32 (measured 3.2 against 33 img/s); drop --amp True")
-
-
-def default_amp(device: torch.device) -> bool:
-    """train.py's default precision: autocast on CUDA. Off on a CPU even with native bf16: there bf16
-    trained EfficientNet-Lite0 128 about 1.5x faster, but in 5-fold person CVs on real faces it changed
-    macro F1 by -0.040 (95% interval -0.077 to -0.003) with the 3-bin age head and by +0.018 (-0.015
-    to +0.051) with the years head (README "What wins"): not safe by default, so opt-in (--amp True)."""
-    return device.type == "cuda"
-
-
-def default_reuse_memory(device: torch.device) -> bool:
-    """train.py's --reuse_memory default: on where the model runs on the CPU (`reuse_freed_memory`)."""
-    return device.type == "cpu"
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc's malloc keep the memory a process frees and hand it out again.
-
-    By default glibc maps every block over 32 MiB afresh and unmaps it when freed (smaller ones
-    also go back once the heap's free top passes a threshold); the kernel then zero-fills each 4 KiB
-    page on its first touch, every training step, for every activation and every float batch. Kept
-    in the heap, the same pages are reused. Measured on 2 cores, side by side (README "Benchmark"):
-    training steps 7-9% faster (DlibFaceResNet 150, EfficientNet-Lite0 128), a 64x3x224x224 float
-    batch made from uint8 in about half the time. Resident memory stays at the run's peak
-    instead of falling back between steps. Process-wide and lasting: call it once, in a CPU run's
-    main process, before the DataLoader forks its workers (they inherit it). False where the C library
-    is not glibc (macOS, Windows, musl): nothing changes there."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    # no mmap'd blocks at all (so large ones come from the reusable heap), and never trim the heap
-    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto`: the first CUDA device when there is one, else the CPU; otherwise torch's own names.
-    A CUDA or MPS device this machine lacks is a ValueError here, not a driver traceback at the
-    first tensor moved to it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}; e.g. auto, cpu, cuda, cuda:1") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA device is available on this machine; use --device cpu or auto")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), "
-                             f"cuda:0..cuda:{count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu or auto")
-    return device
-
-
 # --------------------------------------------------------------------------- offline-safe pretrained weights
-
-
-def _network_reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Can we open a TCP connection to ``host`` within ``timeout`` seconds (DNS included)?
-
-    Runs in a daemon thread because name resolution ignores socket timeouts and may hang.
-    Behind an HTTPS proxy the proxy is probed instead.
-    """
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    if proxy:
-        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = parsed.hostname or host, parsed.port or 80
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(ok)
-
-
-def _hub_checkpoint_path(url: str) -> str:
-    """Where torch.hub.load_state_dict_from_url caches ``url`` (honours $TORCH_HOME at call time)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
-
-
-def _require_hub_file(model_name: str, url: str) -> None:
-    """Return if ``url``'s checkpoint is cached or its host is reachable; else raise PretrainedUnavailable."""
-    path = _hub_checkpoint_path(url)
-    if os.path.isfile(path):
-        return
-    host = urlparse(url).hostname or ""
-    if _network_reachable(host):
-        return
-    raise PretrainedUnavailable(
-        f"Pretrained weights for model {model_name!r} are unavailable: {os.path.basename(path)} is not in "
-        f"the torch hub cache ({os.path.dirname(path)}) and {host} cannot be reached. Either train "
-        f"without them (--pretrained False) or download {url} on a connected machine and place the file "
-        f"in $TORCH_HOME/hub/checkpoints/ (here: {os.path.dirname(path)}).")
-
-
-def _hf_cached(repo_id: str, filenames: list[str]) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    repo, _, revision = repo_id.partition("@")
-    return any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str)
-               for f in filenames)
-
-
-def _require_timm_weights(model_name: str, timm_name: str) -> None:
-    """Mirror timm's weight source choice (HF hub first, else URL) and check it is cached or reachable."""
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(timm_name)
-    if cfg is None or cfg.file or cfg.state_dict is not None:
-        return  # no hub involved (or no weights at all: timm raises its own clear error)
-    if cfg.hf_hub_id:
-        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        if _hf_cached(cfg.hf_hub_id, files):
-            return
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        if not offline and _network_reachable("huggingface.co"):
-            return
-        raise PretrainedUnavailable(
-            f"Pretrained weights for model {model_name!r} are unavailable: {files[0]} of Hugging Face repo "
-            f"{cfg.hf_hub_id} is not in the local Hugging Face cache and huggingface.co cannot be reached. "
-            f"Either train without them (--pretrained False) or fetch them on a connected machine "
-            f"(`hf download {cfg.hf_hub_id}`) and copy the cache ($HF_HOME/hub) here.")
-    if cfg.url:
-        _require_hub_file(model_name, cfg.url)
 
 
 def _torchvision_check(arch: str) -> Callable[[str], None]:
     def check(name: str) -> None:
         from torchvision.models import get_model_weights
 
-        _require_hub_file(name, get_model_weights(arch).DEFAULT.url)
+        require_hub_file(name, get_model_weights(arch).DEFAULT.url)
     return check
 
 
@@ -360,7 +188,7 @@ def _efficientnet_check(variant: str) -> Callable[[str], None]:
     def check(name: str) -> None:
         from efficientnet_pytorch.utils import url_map
 
-        _require_hub_file(name, url_map[f"efficientnet-{variant}"])
+        require_hub_file(name, url_map[f"efficientnet-{variant}"])
     return check
 
 
@@ -376,7 +204,7 @@ def _efficientnet(variant: str, name: str, pretrained: bool) -> nn.Module:
 def _vit_check(name: str) -> None:
     from pytorch_pretrained_vit.configs import PRETRAINED_MODELS
 
-    _require_hub_file(name, PRETRAINED_MODELS["B_16_imagenet1k"]["url"])
+    require_hub_file(name, PRETRAINED_MODELS["B_16_imagenet1k"]["url"])
 
 
 def _efficientnet_stage_blocks(net: nn.Module, num_stages: int) -> int:
@@ -693,206 +521,8 @@ def _register_lite(variant: int) -> Callable[..., nn.Module]:
 efficientnet_lite0, efficientnet_lite1, efficientnet_lite2 = (_register_lite(v) for v in LITE_INPUT_SIZES)
 
 
-# dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1): a 29-conv ResNet trained by dlib on
-# about 3 million faces (none from UTKFace) to embed a 150x150 face chip in 128 dimensions. Its weights come
-# from the PyPI package face_recognition_models (no network); ImageNet features read age and gender less well.
-DLIB_FACE_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
-DLIB_FACE_MEAN = (122.782 / 255, 117.001 / 255, 104.298 / 255)  # dlib's input layer: (pixel - mean) / 256
-DLIB_FACE_STD = (256 / 255,) * 3
-DLIB_FACE_WIDTHS = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))  # per stage
-
-
-def _pad_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """dlib's add_prev: tensors of different channels / sizes add with the smaller zero-padded at the end."""
-    if a.shape == b.shape:
-        return a + b
-    c, h, w = (max(x, y) for x, y in zip(a.shape[1:], b.shape[1:]))
-    def grow(t: torch.Tensor) -> torch.Tensor:
-        return F.pad(t, (0, w - t.shape[3], 0, h - t.shape[2], 0, c - t.shape[1]))
-    return grow(a) + grow(b)
-
-
-class _DlibBlock(nn.Module):
-    """conv-relu-conv (dlib's affine layers folded into the convs) + shortcut, then relu. A downsampling
-    block convolves with stride 2 and no padding and its shortcut is a 2x2 average pool."""
-
-    def __init__(self, cin: int, cout: int, down: bool) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=2 if down else 1, padding=0 if down else 1)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.shortcut = nn.AvgPool2d(2, 2) if down else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(_pad_add(self.conv2(F.relu(self.conv1(x))), self.shortcut(x)))
-
-
-class DlibFaceResNet(nn.Module):
-    """dlib's face-recognition network: stem (7x7 conv stride 2, 3x3 max pool) and five stages, global
-    average pool and a 128-d linear embedding (``embed``, counted in the last stage for ``freeze_blocks``);
-    then a BatchNorm without parameters (the embedding's dimensions are ~0.05 wide: standardised, the
-    heads train at the usual learning rates, as in MAE's linear probing), dropout and ``fc`` (the head)."""
-
-    def __init__(self, head: nn.Module, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 7, stride=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
-        stages, cin = [], 32
-        for width, blocks, down in DLIB_FACE_WIDTHS:
-            stages.append(nn.Sequential(*(_DlibBlock(cin if i == 0 else width, width, down and i == 0)
-                                          for i in range(blocks))))
-            cin = width
-        self.embed = nn.Linear(256, 128, bias=False)
-        stages[-1].append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), self.embed))
-        self.stages = nn.Sequential(*stages)
-        self.norm = nn.BatchNorm1d(128, affine=False)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = head
-
-    def convolutions(self) -> list[nn.Conv2d]:
-        """The 29 convolutions from the input up: the order of dlib's file."""
-        return [self.stem[0]] + [conv for stage in self.stages for block in stage if isinstance(block, _DlibBlock)
-                                 for conv in (block.conv1, block.conv2)]
-
-    # Frozen-trunk descriptors kept in training, keyed by the exact input: a linear probe's later epochs
-    # see the same (image, flip) inputs again, and the trunk is most of the cost. Bounded (~70 MB).
-    MAX_CACHED_DESCRIPTORS = 100_000
-
-    def embedding(self, x: torch.Tensor) -> torch.Tensor:
-        """The 128-d face descriptor dlib computes for the same (normalised) chip."""
-        if (self.training and x.device.type == "cpu" and not x.requires_grad and self.trunk_frozen()
-                and not torch.compiler.is_compiling()):
-            return self._cached_embedding(x)
-        return self.stages(self.stem(x))
-
-    def trunk_frozen(self) -> bool:
-        """Everything up to the descriptor frozen (``--freeze_blocks 5``): the descriptor is then a fixed
-        function of the input (the trunk has no batch norm or dropout), so it can be computed once per input."""
-        return not any(p.requires_grad for part in (self.stem, self.stages) for p in part.parameters())
-
-    def _cached_embedding(self, x: torch.Tensor) -> torch.Tensor:
-        """The descriptors of a CPU batch, computing only inputs not seen before (the same up to rounding:
-        a sample's convolutions may round differently in another batch)."""
-        cache = self.__dict__.setdefault("_descriptor_cache", {})  # not a buffer: never saved
-        person = str(x.dtype).encode()[:16]
-        # each row's bytes hashed in place (its numpy view is a buffer): no copy of the image per row
-        keys = [hashlib.blake2b(row.contiguous().view(torch.uint8).numpy(), digest_size=16, person=person).digest()
-                for row in x]
-        new = [i for i, key in enumerate(keys) if key not in cache]
-        fresh = {}
-        if new:
-            with torch.no_grad():
-                fresh = dict(zip((keys[i] for i in new), self.stages(self.stem(x[new]))))
-            if len(cache) < self.MAX_CACHED_DESCRIPTORS:  # full: still computed, no longer kept
-                cache.update(fresh)
-        return torch.stack([fresh[k] if k in fresh else cache[k] for k in keys])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.norm(self.embedding(x))))
-
-
-class _DlibReader:
-    """Reads what the network needs from a dlib ``serialize``d network: layer names (length-prefixed
-    strings), integers (a byte giving the sign and the byte count, then little-endian bytes) and tensors
-    (version 2, four dimensions, raw little-endian float32)."""
-
-    def __init__(self, data: bytes, path: str) -> None:
-        self.data, self.path, self.pos = data, path, 0
-
-    def fail(self, why: str) -> NoReturn:
-        raise RuntimeError(f"{self.path}: not dlib's face-recognition network as expected ({why}, byte {self.pos})")
-
-    def integer(self) -> int:
-        if self.pos >= len(self.data):
-            self.fail("file ends early")
-        head = self.data[self.pos]
-        size = head & 0x7F
-        value = int.from_bytes(self.data[self.pos + 1:self.pos + 1 + size], "little")
-        self.pos += 1 + size
-        return -value if head & 0x80 else value
-
-    def seek_layer(self, name: str) -> None:
-        """Move past the next occurrence of layer ``name`` (its serialised length and text)."""
-        key = bytes([1, len(name)]) + name.encode()
-        found = self.data.find(key, self.pos)
-        if found < 0:
-            self.fail(f"no further {name!r} layer")
-        self.pos = found + len(key)
-
-    def tensor(self) -> torch.Tensor:
-        if self.integer() != 2:
-            self.fail("tensor of an unknown version")
-        dims = [self.integer() for _ in range(4)]
-        count = dims[0] * dims[1] * dims[2] * dims[3]
-        end = self.pos + 4 * count
-        if end > len(self.data):
-            self.fail("file ends inside a tensor")
-        values = torch.frombuffer(bytearray(self.data[self.pos:end]), dtype=torch.float32)
-        self.pos = end
-        return values
-
-    def conv_with_affine(self, conv: nn.Conv2d) -> dict[str, torch.Tensor]:
-        """dlib's con_ layer (filters then biases, one flat tensor) and the affine layer after it (the
-        batch norm folded at the end of training: gamma then beta), as one convolution's weight and bias."""
-        self.seek_layer("con_4")
-        params = self.tensor()
-        shape = [self.integer() for _ in range(3)]  # filters, rows, columns
-        stride, padding = [self.integer() for _ in range(2)], [self.integer() for _ in range(2)]
-        expected = [conv.out_channels, *conv.kernel_size]
-        if (shape != expected or stride != list(conv.stride) or padding != list(conv.padding)
-                or params.numel() != conv.weight.numel() + conv.out_channels):
-            self.fail(f"convolution {shape} stride {stride} padding {padding}, expected {expected} "
-                      f"stride {list(conv.stride)} padding {list(conv.padding)}")
-        weight = params[:conv.weight.numel()].view_as(conv.weight)
-        bias = params[conv.weight.numel():]
-        self.seek_layer("affine_")
-        affine = self.tensor()
-        if affine.numel() != 2 * conv.out_channels:
-            self.fail(f"affine layer of {affine.numel()} values after a {conv.out_channels}-filter convolution")
-        gamma, beta = affine[:conv.out_channels], affine[conv.out_channels:]
-        return {"weight": weight * gamma[:, None, None, None], "bias": bias * gamma + beta}
-
-
-def load_dlib_face_weights(net: DlibFaceResNet, path: str | None = None) -> None:
-    """Load dlib's trained face-recognition weights (``path``, default the file of the PyPI package
-    face_recognition_models) into ``net``'s stem, stages and embedding; its head stays as built.
-    Verified against dlib's own ``compute_face_descriptor`` (README)."""
-    if path is None:
-        path = _dlib_face_file("DlibFaceResNet")
-    with open(path, "rb") as f:
-        reader = _DlibReader(f.read(), path)
-    # read and check the whole file before copying anything: a bad file leaves the network untouched
-    loaded = []  # (parameter, value)
-    for conv in net.convolutions():  # the file lists layers from the input up
-        values = reader.conv_with_affine(conv)
-        loaded += [(conv.weight, values["weight"]), (conv.bias, values["bias"])]
-    reader.seek_layer("fc_2")
-    outputs, inputs = reader.integer(), reader.integer()
-    matrix = reader.tensor()
-    if (outputs, inputs, matrix.numel()) != (128, 256, 128 * 256):
-        reader.fail(f"embedding {inputs} -> {outputs}, expected 256 -> 128")
-    loaded.append((net.embed.weight, matrix.view(256, 128).t()))  # dlib computes x @ W
-    with torch.no_grad():
-        for param, value in loaded:
-            param.copy_(value)
-
-
-def _dlib_face_file(name: str) -> str:
-    """The weights file of the installed face_recognition_models package, found without importing it (its
-    __init__ needs pkg_resources, which recent setuptools no longer has)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("face_recognition_models")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    paths = [os.path.join(folder, "models", DLIB_FACE_MODEL) for folder in folders]
-    for path in paths:
-        if os.path.isfile(path):
-            return path
-    raise PretrainedUnavailable(
-        f"{name} pretrained weights come from the PyPI package face_recognition_models, which is not installed"
-        f"{' completely' if paths else ''}: pip install face_recognition_models, or use --pretrained False")
-
-
 def _dlib_face_check(name: str) -> None:
-    _dlib_face_file(name)
+    dlib_weights_file(name)
 
 
 @register_model("DlibFaceResNet", input_size=(150, 150), mean=DLIB_FACE_MEAN, std=DLIB_FACE_STD,
@@ -927,7 +557,7 @@ def _build_timm(name: str, num_classes: int, pretrained: bool, multihead: bool, 
 
     timm_name = _timm_name(name)
     if pretrained:
-        _require_timm_weights(name, timm_name)
+        require_timm_weights(name, timm_name)
     timm_keys = {"dropout": "drop_rate", "drop_path": "drop_path_rate"}  # this zoo's option names -> timm's
     freeze_blocks = options.pop("freeze_blocks", 0)
     options = {timm_keys.get(k, k): v for k, v in options.items()}
@@ -957,7 +587,7 @@ def model_info(name: str) -> ModelInfo:
         builder = lambda num_classes, pretrained=False, multihead=False, **o: _build_timm(  # noqa: E731
             name, num_classes, pretrained, multihead, **o)
         return ModelInfo(name, builder, size, mean, std,
-                         lambda model_name: _require_timm_weights(model_name, _timm_name(model_name)))
+                         lambda model_name: require_timm_weights(model_name, _timm_name(model_name)))
     if name not in MODELS:
         raise _unknown(name)
     return MODELS[name]

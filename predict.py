@@ -177,7 +177,7 @@ def predict(args: argparse.Namespace, models: list[str], paths: list[str], run: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model import resolve_device
+    from maskcls.runtime import resolve_device
 
     args = build_parser().parse_args(argv)
     check_state_name(args.state)

@@ -65,7 +65,7 @@ class MaskClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from inference import load_members, prepare_model
-        from model import resolve_device
+        from maskcls.runtime import resolve_device
 
         self.device = resolve_device("auto")
         # Checkpoints (weights_only) and networks once, not per request; a bad file fails here.

@@ -376,8 +376,9 @@ class Settings:
 
 def resolve_settings(args: argparse.Namespace, device: torch.device, world: int) -> Settings:
     """Defaults that depend on the model, the task or the hardware; unknown names fail here."""
-    from model import (PretrainedUnavailable, check_pretrained, default_amp, default_reuse_memory, model_info,
-                       regularization_options, size_options, slow_amp_warning)
+    from model import check_pretrained, model_info, regularization_options, size_options
+    from maskcls.hub import PretrainedUnavailable
+    from maskcls.runtime import default_amp, default_reuse_memory, slow_amp_warning
 
     cuda = device.type == "cuda"
     try:
@@ -729,7 +730,8 @@ class Optimisation:
 def build_optimisation(args: argparse.Namespace, model: nn.Module, task: Task, train_targets: np.ndarray,
                        steps_per_epoch: int, device: torch.device, amp: bool) -> Optimisation:
     from loss import class_weights_from_labels
-    from model import amp_dtype, trainable_parameters
+    from model import trainable_parameters
+    from maskcls.runtime import amp_dtype
 
     weights = None
     if args.class_weights == "auto":
@@ -776,7 +778,7 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimisation, transform, task
     summed over all processes. `model` is what runs forward (DDP / compiled); `ema_source` the
     plain module the EMA follows (default `model`)."""
     from loss import compute_loss, mixed_loss
-    from model import amp_dtype
+    from maskcls.runtime import amp_dtype
 
     dtype = amp_dtype(device)
     mixing = opt.mixup > 0 or opt.cutmix > 0
@@ -840,7 +842,7 @@ class Validation:
 def validate(model: nn.Module, loader, criterion: nn.Module, transform, task: Task, age_bins: Sequence[int],
              device: torch.device, order: Sequence[int] | None = None, amp: bool = False, world: int = 1) -> Validation:
     """Score this rank's shard (rows `order` of the dataset), gather every shard, restore dataset order."""
-    from model import amp_dtype
+    from maskcls.runtime import amp_dtype
 
     model.eval()
     if world > 1:  # BatchNorm running stats drift apart (each rank sees its own batches):
@@ -971,7 +973,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     resumed = load_resumable(args.resume) if args.resume else None
     s = resolve_settings(args, device, world)
     if s.reuse_memory:  # before the loaders fork their workers; what config.json records is what took effect
-        from model import reuse_freed_memory
+        from maskcls.runtime import reuse_freed_memory
         s.reuse_memory = reuse_freed_memory()
     if resumed:
         check_resumable(resumed, args.model, s.model_options, s.task, s.resize, args.resume, args.face_crop)

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 
-
 # --------------------------------------------------------------------------- augmentations
 @dataclass
 class Augmentation:

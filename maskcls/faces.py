@@ -219,7 +219,6 @@ class MTCNN:
                 for i in order.tolist()]
 
 
-
 # --------------------------------------------------------------------------- geometry
 # dlib's mean face (`get_face_chip_details`, points 17-67 of the 68-point iBUG layout, in a unit square),
 # reduced to MTCNN's five points: the centres of the two eyes (points 36-41, 42-47), the nose tip (30)

@@ -12,7 +12,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
-
 def default_num_workers(cpu_training: bool = False) -> int:
     """One worker per core beyond the main process's, at most 8 (more rarely helps). None when the
     model trains on a CPU of 2 cores or fewer: there a worker takes a core from the model's threads,

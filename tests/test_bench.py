@@ -35,7 +35,7 @@ def test_bench_main_prints_table_and_final_json(capsys):
         assert setting["cache_complete_before_second_run"] is True
         assert all(setting[k] > 0 for k in ("reference_ips", "cold_ips", "warm_ips", "second_run_ips"))
     # train_ips / infer_ips are the rows train.py and inference.py use by default here, marked in the table
-    from model import default_amp
+    from maskcls.runtime import default_amp
     import torch
 
     assert not default_amp(torch.device("cpu"))  # bf16 cost F1 on a CPU (README): fp32 there
@@ -45,7 +45,7 @@ def test_bench_main_prints_table_and_final_json(capsys):
     table = "\n".join(lines[:-1])
     assert table.count("<- default") == 2
     # bf16 autocast on a CPU without native bf16 is emulated (~10x slower): the table says so
-    from model import slow_amp_warning
+    from maskcls.runtime import slow_amp_warning
 
     assert final["amp_emulated"] is (slow_amp_warning(torch.device("cpu")) is not None)
     assert ("AMP bfloat16 (emulated), channels_last" in table) is final["amp_emulated"]

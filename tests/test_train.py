@@ -25,6 +25,7 @@ import train
 from maskcls.checkpoint import CheckpointError, build_model, load_checkpoint
 from maskcls import augment
 from maskcls import loaders
+from maskcls import runtime
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -377,7 +378,7 @@ def test_cpu_defaults_reuse_memory_and_no_decoding_worker_on_two_cores(tiny_trai
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     calls = []
-    monkeypatch.setattr(zoo, "reuse_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: calls.append(1) or True)
     i = tiny_train_args.index("--num_workers")
     defaults = tiny_train_args[:i] + tiny_train_args[i + 2:]  # the worker count left to train.py
     rc, run = run_train(tmp_path, defaults, tiny_root / "train", "--epochs", "1", "--cache", "False")
@@ -402,11 +403,11 @@ def test_reuse_freed_memory_sets_glibc_malloc_or_says_no(monkeypatch):
     import model as zoo
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert zoo.reuse_freed_memory() is True
+        assert runtime.reuse_freed_memory() is True
         x = torch.ones(64, 3, 224, 224)  # a block glibc would otherwise mmap: still works, still freed
         assert float(x.sum()) == 64 * 3 * 224 * 224
     monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("musl", ""))
-    assert zoo.reuse_freed_memory() is False  # another C library: nothing is changed
+    assert runtime.reuse_freed_memory() is False  # another C library: nothing is changed
 
 
 def test_compile_flag_wraps_the_model(tiny_train_args, tiny_root, tmp_path, monkeypatch):
