@@ -71,6 +71,8 @@ from maskcls import imaging
 from maskcls import augment
 from maskcls import loaders
 from maskcls import runtime
+from maskcls import predictor
+from maskcls import pyfunc
 
 REQUIRED_KEYS = ("reference_ips", "cold_ips", "warm_ips", "cold_ratio", "warm_ratio", "train_ips", "infer_ips",
                  "infer_eager_ips", "resize", "model", "device")
@@ -553,20 +555,18 @@ def serve_load(url: str, cases: Sequence[Case], clients: int = 8, seconds: float
 def serve_bench(args: argparse.Namespace) -> dict:
     """--serve RUN_DIR: the run's model logged to a temporary sqlite store, served on a free 127.0.0.1 port
     (its own process group, stopped by its pid), loaded by `serve_load`."""
-    import inference
-    import serving
     from maskcls.checkpoint import load_checkpoint, validation_samples
 
     run_dir = Path(args.serve)
-    ckpt = load_checkpoint(serving.model_checkpoints([run_dir])[0])
+    ckpt = load_checkpoint(pyfunc.model_checkpoints([run_dir])[0])
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         tmp = Path(tmp)
         listed = [r["path"] for r in validation_samples(run_dir, ckpt) if os.path.isfile(r.get("path") or "")]
         paths = listed[:args.images] or make_images(tmp / "images", args.images, seed=args.seed)
-        classes = inference.soft_vote([str(run_dir)], "best_f1", paths, verbose=False, progress=False)[1]
+        classes = predictor.soft_vote([str(run_dir)], "best_f1", paths, verbose=False, progress=False)[1]
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         with contextlib.redirect_stdout(sys.stderr):
-            model_uri = serving.log_model_for(run_dir, tracking_uri=uri, experiment="bench-serve")
+            model_uri = pyfunc.log_model_for(run_dir, tracking_uri=uri, experiment="bench-serve")
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]

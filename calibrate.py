@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CheckpointError("runs have different numbers of classes: " + ", ".join(str(r) for r in runs))
 
     def training_run(client) -> str:  # --run_id checkpoint
-        from serving import training_run
+        from maskcls.checkpoint import training_run
         return training_run(runs, client)
 
     tracker = step_tracker(args, "calibrate", {"runs": [str(r) for r in runs], "state": args.state, "method": args.method,

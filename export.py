@@ -42,7 +42,7 @@ from torch import nn
 from maskcls import cli
 import dataset as data
 from maskcls.checkpoint import build_model, check_state_name, decision_age_cuts, state_file, validation_samples
-from inference import Member, ensemble_offsets, load_members
+from maskcls.predictor import Member, ensemble_offsets, load_members
 from maskcls.fileio import atomic_write, atomic_write_bytes
 from maskcls.task import PROB_FLOOR, Task, apply_offsets, task_of
 from maskcls import imaging
@@ -210,7 +210,7 @@ def parity(run: Callable[[np.ndarray], np.ndarray], members: Sequence[Member], o
     """(max |p_export - p_torch|, images whose classes agree) on the same uint8 images: the exported
     file gets the toolkit pipeline's decoded, cropped, resized pixels; PyTorch is inference.py's
     path (its vote, then the offsets)."""
-    from inference import vote
+    from maskcls.predictor import vote
 
     store, _ = imaging.face_store(list(paths), dict(members[0].ckpt["preprocess"]))
     images = np.stack([store[i] for i in range(len(store))])

@@ -160,7 +160,7 @@ def format_text(rows: Sequence[dict]) -> str:
 def predict(args: argparse.Namespace, models: list[str], paths: list[str], run: dict
             ) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
     """(shown probabilities [N, 18], classes, class names, whether offsets were applied)."""
-    from inference import load_for_task, load_members, mask_genderage_pair, vote
+    from maskcls.predictor import load_for_task, load_members, mask_genderage_pair, vote
 
     if args.mask_model_dir:
         _, _, probs = mask_genderage_pair(args.mask_model_dir, args.genderage_model_dir, args.state, paths, **run)

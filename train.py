@@ -1069,7 +1069,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 if writer is not None:
                     writer.close()
             if is_main() and parent is None and tracker.active:  # a fold's model is in its parent's soft vote
-                from serving import log_model
+                from maskcls.pyfunc import log_model
                 log_model(tracker, run_dir, args.register_model)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the tracker ended the run as KILLED
         # Only the exit code leaves, not the traceback and the frames it holds; `finally` stops the
@@ -1163,7 +1163,7 @@ def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: 
         parent.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, step=0)
         parent.log_artifact(parent_dir / "cv.json")
         if parent.active:  # one model: the soft vote of every fold's best_f1.pth
-            from serving import log_model
+            from maskcls.pyfunc import log_model
             log_model(parent, parent_dir, args.register_model)
         log(cv_report(summary, args.kfold) + f"\n  folds in {parent_dir}; predict with all of them: "
             f"python inference.py --model_dir {shlex.quote(str(parent_dir))} --data_dir <eval folder>")

@@ -350,3 +350,31 @@ def build_model(ckpt: dict) -> nn.Module:
     model = create_model(spec["name"], spec["num_classes"], pretrained=False, multihead=heads, **spec.get("options", {}))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
+
+
+# --------------------------------------------------------------------------- which training run
+def recorded_run(run: Path) -> dict:
+    """The MLflow run a run folder (or a checkpoint in it) trained in, as its last.pth records it:
+    {uri, run_id, parent_run_id}; {} when it was trained without tracking."""
+    last = (run if run.is_dir() else run.parent) / "last.pth"
+    return (load_checkpoint(last).get("tracking") or {}) if last.is_file() else {}
+
+
+def training_run(paths: Sequence[str | Path], client) -> str:
+    """The one training run behind `paths`: a run's own, or the parent of several folds (a
+    --fold all folder, or its fold folders listed). CheckpointError when there is none or several."""
+    runs = [run for group in expand_runs(paths) for run in group]
+    records = [recorded_run(run) for run in runs]
+    missing = [run for run, rec in zip(runs, records) if not rec.get("run_id")]
+    if missing:
+        raise CheckpointError(f"no MLflow run recorded in {missing[0]}/last.pth (trained without tracking?); "
+                           "pass --run_id ID")
+    ids = {rec["run_id"] for rec in records}
+    if len(ids) == 1:
+        return ids.pop()
+    # folds record their parent; older checkpoints do not, the server's tag does
+    parents = {rec.get("parent_run_id") or client.get_run(rec["run_id"]).data.tags.get("mlflow.parentRunId")
+               for rec in records}
+    if len(parents) == 1 and None not in parents:
+        return parents.pop()
+    raise CheckpointError(f"the models come from {len(ids)} training runs, not the folds of one; pass --run_id ID")

@@ -16,12 +16,12 @@ import audit
 import dataset as data
 import evaluation
 import export
-import serving
 import train
 from maskcls.checkpoint import CheckpointError, load_checkpoint, validation_samples
 from conftest import TINY_TRAIN_ARGS
 from maskcls.fileio import path_escape, within
 from maskcls import cli
+from maskcls import pyfunc
 
 
 @pytest.mark.parametrize("text, reason", [("../secret.jpg", "'..' segment"), ("a/../../b.jpg", "'..' segment"),
@@ -104,7 +104,7 @@ def test_val_samples_paths_must_name_the_runs_own_images(trained_run, tmp_path, 
     with pytest.raises(CheckpointError, match="line 3"):
         export.sample_paths(run, ckpt, 4)
     with pytest.raises(CheckpointError, match="line 3"):
-        serving.input_example(run, ckpt)
+        pyfunc.input_example(run, ckpt)
 
 
 # --------------------------------------------------------------------------- resume on changed data

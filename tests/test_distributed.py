@@ -188,7 +188,7 @@ def test_global_batch_printed_and_in_config(ddp_run):
 
 
 def test_validation_equals_single_process_evaluation(ddp_run):
-    from inference import predict_probs
+    from maskcls.predictor import predict_probs
     from maskcls.metrics import evaluate_predictions
 
     run_dir = ddp_run["models"] / "exp"

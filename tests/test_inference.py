@@ -20,6 +20,7 @@ import inference
 from maskcls.checkpoint import CheckpointError, atomic_save, build_model, load_checkpoint
 from maskcls import imaging
 from maskcls import augment
+from maskcls import predictor
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -110,7 +111,7 @@ def test_state_selects_the_checkpoint_file(trained_run, demo_root, tmp_path):
         assert (read_ans(out / "output.csv")[1] == cls).all(), state
     last = read_probs(infer(tmp_path / "out-last", "--data_dir", eval_dir, "--model_dir", run, "--state", "last")
                       / "output_probs.csv")[1]
-    expected = inference.predict_probs(load_checkpoint(run / "last.pth"), data.read_eval_info(eval_dir)[1],
+    expected = predictor.predict_probs(load_checkpoint(run / "last.pth"), data.read_eval_info(eval_dir)[1],
                                        progress=False)
     np.testing.assert_allclose(last, expected, atol=1e-6)
     assert len(set(last.argmax(1))) > 1
@@ -141,11 +142,11 @@ def test_hflip_tta_is_mirror_invariant(trained_run, tmp_path):
             path = tmp_path / f"{'m' if bucket is mirrored else 'p'}{i}.png"
             cv2.imwrite(str(path), np.ascontiguousarray(arr[:, :, ::-1]))
             bucket.append(str(path))
-    plain = inference.predict_probs(ckpt, paths, progress=False)
-    a = inference.predict_probs(ckpt, paths, tta="hflip", progress=False)
-    b = inference.predict_probs(ckpt, mirrored, tta="hflip", progress=False)
+    plain = predictor.predict_probs(ckpt, paths, progress=False)
+    a = predictor.predict_probs(ckpt, paths, tta="hflip", progress=False)
+    b = predictor.predict_probs(ckpt, mirrored, tta="hflip", progress=False)
     np.testing.assert_allclose(a, b, atol=1e-6)
-    assert np.abs(plain - inference.predict_probs(ckpt, mirrored, progress=False)).max() > 1e-4
+    assert np.abs(plain - predictor.predict_probs(ckpt, mirrored, progress=False)).max() > 1e-4
 
 
 # --------------------------------------------------------------------------- ensembles
@@ -211,14 +212,14 @@ def test_geometric_vote_picks_what_no_member_rules_out():
     out; the product of experts picks the class both find plausible."""
     a = np.array([[0.9, 0.1, 0.0]])
     b = np.array([[0.001, 0.6, 0.399]])
-    np.testing.assert_allclose(inference.combine_probs([a, b], np.ones(2), "mean"), [[0.4505, 0.35, 0.1995]])
-    geometric = inference.combine_probs([a, b], np.ones(2), "geometric")
+    np.testing.assert_allclose(predictor.combine_probs([a, b], np.ones(2), "mean"), [[0.4505, 0.35, 0.1995]])
+    geometric = predictor.combine_probs([a, b], np.ones(2), "geometric")
     assert geometric.argmax() == 1 and geometric[0, 2] < 1e-4
     np.testing.assert_allclose(geometric[0, :2], np.sqrt([0.0009, 0.06]) / np.sqrt([0.0009, 0.06]).sum(), rtol=1e-4)
-    np.testing.assert_allclose(inference.combine_probs([a, np.zeros((1, 3))], np.array([1.0, 0.0]), "geometric"),
+    np.testing.assert_allclose(predictor.combine_probs([a, np.zeros((1, 3))], np.array([1.0, 0.0]), "geometric"),
                                a, atol=1e-9)  # a weight of 0 leaves the member out, even with zero probabilities
-    with pytest.raises(inference.InferenceError, match="unknown vote 'median'; known: mean, geometric"):
-        inference.combine_probs([a, b], np.ones(2), "median")
+    with pytest.raises(predictor.InferenceError, match="unknown vote 'median'; known: mean, geometric"):
+        predictor.combine_probs([a, b], np.ones(2), "median")
 
 
 def test_geometric_vote_decides_each_head_of_multi_head_models_on_its_own():
@@ -228,7 +229,7 @@ def test_geometric_vote_decides_each_head_of_multi_head_models_on_its_own():
     rng = np.random.default_rng(0)
     heads = [[rng.dirichlet(np.ones(k) * c, size=50) for k in (3, 2, 3)] for c in (0.3, 3.0)]
     joints = [(m[:, :, None, None] * g[:, None, :, None] * a[:, None, None, :]).reshape(50, 18) for m, g, a in heads]
-    pred = inference.combine_probs(joints, np.ones(2), "geometric").argmax(1)
+    pred = predictor.combine_probs(joints, np.ones(2), "geometric").argmax(1)
     per_head = [sum(np.log(h[i]) for h in heads).argmax(1) for i in range(3)]
     assert (pred == per_head[0] * 6 + per_head[1] * 3 + per_head[2]).all()
 
@@ -236,7 +237,7 @@ def test_geometric_vote_decides_each_head_of_multi_head_models_on_its_own():
 def test_multi_head_probabilities_are_the_product_of_heads(multi_run, demo_root, tmp_path):
     ckpt = load_checkpoint(multi_run[0] / "best_f1.pth")
     paths = data.read_eval_info(demo_root / "eval")[1][:16]
-    probs = inference.predict_probs(ckpt, paths, progress=False)
+    probs = predictor.predict_probs(ckpt, paths, progress=False)
     pre = ckpt["preprocess"]
     store = imaging.ImageStore(paths, pre["resize"], pre["crop"])
     x = augment.BatchTransform(pre["mean"], pre["std"])(torch.stack([torch.from_numpy(store[i]).permute(2, 0, 1)
@@ -289,7 +290,7 @@ def _bad_inputs(tmp_path: Path, demo_root: Path, trained_run: Path, mask_run: Pa
 
 def test_bad_inputs_raise_one_line_errors_naming_the_file(trained_run, mask_run, demo_root, tmp_path):
     for name, (argv, culprit) in _bad_inputs(tmp_path, demo_root, trained_run, mask_run[0]).items():
-        with pytest.raises((inference.InferenceError, cli.DataError, CheckpointError)) as err:
+        with pytest.raises((predictor.InferenceError, cli.DataError, CheckpointError)) as err:
             infer(tmp_path / "out", *argv)
         message = str(err.value)
         assert "\n" not in message and str(culprit) in message, (name, message)
@@ -301,7 +302,7 @@ def test_every_bad_listed_image_is_named_at_once(trained_run, demo_root, tmp_pat
     images = sorted((eval_dir / "images").iterdir())
     images[0].write_bytes(images[0].read_bytes()[:300])
     images[2].write_bytes(b"")
-    with pytest.raises(inference.InferenceError) as err:
+    with pytest.raises(predictor.InferenceError) as err:
         infer(tmp_path / "out", "--data_dir", eval_dir, "--model_dir", trained_run)
     message = str(err.value)
     assert message.startswith("2 of 3 images listed in info.csv cannot be used")
@@ -342,8 +343,8 @@ def test_negative_or_all_zero_weights_are_one_error_line(trained_run, single, de
         code, err = run_main(capsys, *base, "--weights", *weights)
         assert code == 2 and err == f"error: {message}\n", (weights, err)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(inference.InferenceError, match="all 0"):  # load_members serves predict.py and serving too
-        inference.load_members([str(trained_run)] * 2, "best_f1", [0.0, 0.0])
+    with pytest.raises(predictor.InferenceError, match="all 0"):  # load_members serves predict.py and serving too
+        predictor.load_members([str(trained_run)] * 2, "best_f1", [0.0, 0.0])
     # one zero beside a positive weight is a vote of the others
     zero = infer(tmp_path / "zero", "--data_dir", demo_root / "eval", "--model_dir", trained_run, trained_run,
                  "--weights", "1", "0")

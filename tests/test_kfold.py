@@ -13,10 +13,10 @@ from sklearn.metrics import f1_score
 
 import calibrate
 import dataset as data
-import inference
 import train
 from maskcls.checkpoint import expand_runs, load_checkpoint
 from maskcls.cli import UsageError
+from maskcls import predictor
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -81,9 +81,9 @@ def test_the_cv_folder_stands_for_its_folds(cv_run, demo_root, capsys):
     assert expand_runs([parent]) == [[parent / "fold0", parent / "fold1", parent / "fold2"]]
     assert expand_runs([parent / "fold1"]) == [[parent / "fold1"]]
     info, paths = data.read_eval_info(demo_root / "eval")
-    probs, pred, _, ckpts = inference.soft_vote([str(parent)], "best_f1", paths, verbose=False, progress=False)
+    probs, pred, _, ckpts = predictor.soft_vote([str(parent)], "best_f1", paths, verbose=False, progress=False)
     assert len(ckpts) == 3
-    each = [inference.predict_probs(load_checkpoint(parent / f"fold{i}" / "best_f1.pth"), paths, progress=False)
+    each = [predictor.predict_probs(load_checkpoint(parent / f"fold{i}" / "best_f1.pth"), paths, progress=False)
             for i in range(3)]
     np.testing.assert_allclose(probs, np.mean(each, axis=0), atol=1e-6)
     assert calibrate.main(["--runs", str(parent)]) == 0

