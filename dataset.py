@@ -14,7 +14,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -22,16 +22,14 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from maskcls.cli import DataError, examples
 from maskcls.augment import Augmentation
+from maskcls.cli import DataError, UsageError, examples
+from maskcls.distributed import log
+from maskcls.fileio import path_escape
 from maskcls.imaging import ImageStore, check_image
 from maskcls.overrides import LabelOverrides, read_label_overrides
-from maskcls.fileio import path_escape
-from maskcls.task import (GENDERS, MASK_KINDS, MAX_AGE, DEFAULT_AGE_BINS, GENDER_NAMES, NUM_CLASSES, TASK_CLASSES, age_label,  # noqa: F401 (re-exported)
-                  decode_class, encode_class, task_target)
-
-if TYPE_CHECKING:
-    from maskcls.task import Task
+from maskcls.task import (DEFAULT_AGE_BINS, GENDERS, MASK_KINDS, MAX_AGE, NUM_CLASSES, Task, age_label, encode_class,
+                          get_task, task_target)
 
 cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubscribe the cores
 
@@ -350,8 +348,6 @@ class MaskDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], store: ImageStore, indices: Sequence[int], task: "str | Task" = "all",
                  age_bins: Sequence[int] = DEFAULT_AGE_BINS, augmentation: Augmentation | None = None,
                  train: bool = False, seed: int = 0):
-        from maskcls.task import Task, get_task
-
         task = task if isinstance(task, Task) else get_task(task)  # the task says what a target is
         self.samples, self.store, self.indices = samples, store, list(indices)
         self.task, self.age_bins = task, tuple(age_bins)
@@ -517,3 +513,45 @@ def split_indices(samples: Sequence[Sample], dataset: str, val_ratio: float, see
     return split_by_profile(samples, val_ratio, seed, age_bins)
 
 
+def sample_key(sample) -> str:
+    """How a run records an image of its split: person folder and file name (not the absolute path, so a
+    moved dataset still matches)."""
+    return f"{sample.person}/{Path(sample.path).name}"
+
+
+def recorded_split(samples: list, train_idx: list[int], val_idx: list[int]) -> dict:
+    """What last.pth keeps of the split, for --resume to compare: the training and validation images."""
+    return {"train": sorted(sample_key(samples[i]) for i in train_idx),
+            "val": sorted(sample_key(samples[i]) for i in val_idx)}
+
+
+def _people(keys) -> str:
+    names = sorted({k.split("/", 1)[0] for k in keys})
+    return f"{len(names)} ({examples(names)})"
+
+
+def keep_recorded_split(samples: list, train_idx: list[int], val_idx: list[int], recorded: dict | None,
+                        cross_validation: bool) -> tuple[list[int], list[int]]:
+    """On --resume: the split the run started with, whatever the data holds now. Images gone since are
+    named and dropped; images new since are left out (validation must stay people the model never trained
+    on, and the first epochs never saw them). A --fold all resume on changed data stops: its later folds
+    would be drawn from other people than its earlier ones. A last.pth from before splits were recorded
+    resumes as before."""
+    if recorded is None:
+        return train_idx, val_idx
+    now = {sample_key(x): i for i, x in enumerate(samples)}
+    before = {"train": set(recorded["train"]), "val": set(recorded["val"])}
+    if before["train"] == {sample_key(samples[i]) for i in train_idx} and \
+            before["val"] == {sample_key(samples[i]) for i in val_idx}:
+        return train_idx, val_idx
+    gone = (before["train"] | before["val"]) - set(now)
+    new = set(now) - before["train"] - before["val"]
+    changes = "; ".join(part for part in (f"{len(gone)} image(s) of {_people(gone)} people are gone" if gone else "",
+                                          f"{len(new)} image(s) of {_people(new)} people are new" if new else "")
+                        if part) or "the same images fall otherwise into training and validation"
+    if cross_validation:
+        raise UsageError(f"the data changed since this cross-validation started ({changes}): its remaining folds "
+                         f"would split other people; start it over without --resume (a new --name)")
+    log(f"warning: the data changed since this run started ({changes}); keeping the run's recorded split: "
+        f"gone images dropped, new ones left out of training and validation")
+    return ([now[k] for k in sorted(before["train"] & set(now))], [now[k] for k in sorted(before["val"] & set(now))])

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from maskcls import cli
 import dataset as data
+from maskcls import cli
 from maskcls.fileio import check_apart, replace_folder
+from maskcls.task import DEFAULT_AGE_BINS
 
 MARKER = ".mask-toolkit-holdout"  # only a folder carrying it is ever replaced
 
@@ -35,7 +36,7 @@ def _training_set(images: Path) -> list[Path]:
 
 
 def make_holdout(data_dir: str | os.PathLike, out: str | os.PathLike, val_ratio: float = 0.2, seed: int = 0,
-                 age_bins=data.DEFAULT_AGE_BINS, kfold: int = 0, fold: int = 0) -> Path:
+                 age_bins=DEFAULT_AGE_BINS, kfold: int = 0, fold: int = 0) -> Path:
     """Write the hold-out into `out`; refuses (ToolkitError) an `out` that equals, contains or lies
     inside the data, or an existing `out` that holdout.py did not make."""
     cli.in_range(val_ratio, 0, 1, "--val_ratio", low_open=True, high_open=True)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kfold", type=int, default=0, help="K: hold out fold --fold of a person K-fold instead")
     p.add_argument("--fold", type=int, default=0, help="with --kfold: which fold (0..K-1) is held out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--age_bins", nargs=2, type=int, default=list(data.DEFAULT_AGE_BINS), help="bins of gt.csv labels")
+    p.add_argument("--age_bins", nargs=2, type=int, default=list(DEFAULT_AGE_BINS), help="bins of gt.csv labels")
     args = p.parse_args(argv)
     make_holdout(args.data_dir, args.out, args.val_ratio, args.seed, tuple(args.age_bins), args.kfold, args.fold)
     return 0

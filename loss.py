@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskcls.task import AGE_THRESHOLDS, DEFAULT_AGE_BINS, HEAD_SIZES, get_task  # multi-head [mask 3 | gender 2 | age 3 or years]
+from maskcls.task import AGE_THRESHOLDS, DEFAULT_AGE_BINS, HEAD_SIZES, Task, get_task  # multi-head [mask 3 | gender 2 | age 3 or years]
 
 INCEPTION_AUX_WEIGHT = 0.4
 
@@ -279,3 +279,11 @@ def mixed_loss(criterion: nn.Module, output: torch.Tensor | tuple, target_a: tor
                target_b: torch.Tensor, lam: float) -> torch.Tensor:
     """Mixup / cutmix loss: lam * loss(target_a) + (1 - lam) * loss(target_b)."""
     return lam * compute_loss(criterion, output, target_a) + (1.0 - lam) * compute_loss(criterion, output, target_b)
+
+
+def criterion_for(task: Task, name: str, class_weights=None, age_bins: Sequence[int] = DEFAULT_AGE_BINS,
+                  **options) -> nn.Module:
+    """The training loss for `task`'s outputs and targets (`create_criterion` with the task's heads); `age_bins`
+    are the cut points a spread age label is split at."""
+    return create_criterion(name, task.num_classes, task=task.name, class_weights=class_weights,
+                            age_head=task.age_head, age_sigma=task.age_sigma, age_bins=age_bins, **options)

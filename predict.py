@@ -39,7 +39,7 @@ class PredictError(cli.ToolkitError, ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from inference import VOTES  # the vote's owner; imported here as predict imports inference late
+    from maskcls.predictor import VOTES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", help="image files and folders")

@@ -12,43 +12,54 @@ runs the epoch loop (`train_one_epoch`, `validate`, checkpoints, tracking). Outp
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
-import datetime
 import io
 import json
 import math
 import os
-import random
 import re
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
-from maskcls import cli
 import dataset as data
-from maskcls import faces
-from maskcls.checkpoint import (VALIDATION_SAMPLES, CheckpointSaver, build_metadata, check_resumable, cross_validation_config,
-                        load_resumable, present_checkpoints)
+import loss
+import model as zoo
+from demo_data import ensure_demo_data
+from loss import class_weights_from_labels, compute_loss, mixed_loss
+from maskcls import augment, cli, faces, imaging, loaders, runtime
+from maskcls.checkpoint import (VALIDATION_SAMPLES, build_metadata, check_resumable, cross_validation_config,
+                                load_resumable, present_checkpoints)
 from maskcls.cli import UsageError, optional_bool, str2bool
+from maskcls.config import Settings, load_config, resolve_settings
+from maskcls.crossval import cv_report, summarise_folds
+from maskcls.distributed import (broadcast, is_main, log, progress, rng_state, seed_everything, set_rng_state,
+                                 setup_distributed)
+from maskcls.ema import ModelEma
+from maskcls.fileio import atomic_write_text, free_run_dir, unique_dir
+from maskcls.gallery import save_error_gallery
+from maskcls.metrics import evaluate_predictions, per_class_table, save_confusion_matrix_png, write_per_class_csv
+from maskcls.mixing import mix_batch
 from maskcls.overrides import read_label_overrides
-from maskcls.fileio import atomic_write_text
-from maskcls.task import AGE_HEADS, AGE_THRESHOLDS, TASK_CLASSES, Task, check_age_bins, get_task
-from maskcls.tracking import DEFAULT_EXPERIMENT
-from maskcls import imaging
-from maskcls import augment
-from maskcls import loaders
+from maskcls.runtime import amp_dtype
+from maskcls.samplers import EpochSampler
+from maskcls.saver import CheckpointSaver, new_best
+from maskcls.schedulers import SCHEDULERS, make_scheduler, scheduler_info
+from maskcls.task import AGE_HEADS, AGE_THRESHOLDS, DEFAULT_AGE_BINS, TASK_CLASSES, Task, check_age_bins
+from maskcls.tracking import (DEFAULT_EXPERIMENT, Tracker, TrackingError, check_model_name, require_tracking,
+                              resolve_experiment, resolve_tracking_uri, resolve_user)
+from model import trainable_parameters
 
 DEMO_DIR = Path("data/demo")
-SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -90,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/face-stage.md)")
     g.add_argument("--resize", nargs="+", type=int, default=None, metavar="H W",
                    help="input height and width, e.g. 224 224 (default: the model's documented size)")
-    g.add_argument("--age_bins", nargs="+", type=int, default=list(data.DEFAULT_AGE_BINS), metavar="A B",
+    g.add_argument("--age_bins", nargs="+", type=int, default=list(DEFAULT_AGE_BINS), metavar="A B",
                    help="age cut points: <A, A..B-1, >=B (default 30 60); labels come from raw ages")
     g.add_argument("--score_age_bins", nargs="+", type=int, default=None, metavar="A B",
                    help="cut points of the validation labels (default: --age_bins). E.g. train with --age_bins 30 58 "
@@ -137,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="AdamW", help="any torch.optim class: SGD, Adam, AdamW, ... (default AdamW)")
     g.add_argument("--lr", type=float, default=3e-3, help="(peak) learning rate (default 3e-3; ~1e-3 suits fine-tuning)")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
-    g.add_argument("--scheduler", choices=SCHEDULERS, default="onecycle", help="LR schedule (default onecycle)")
+    g.add_argument("--scheduler", choices=list(SCHEDULERS), default="onecycle", help="LR schedule (default onecycle)")
     g.add_argument("--lr_decay_step", type=int, default=20, help="step scheduler: epochs between x0.5 decays")
     g.add_argument("--warmup_epochs", type=float, default=0.0, help="linear warm-up (step/cosine)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
@@ -173,70 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register the run's MLflow model (runs:/<run_id>/model) as a new version of NAME in the "
                         "Model Registry (default: logged, not registered)")
     return p
-
-
-def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Flag values from a JSON or YAML file (a run's config.json holds them plus a `resolved` part)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--config file not found: {file}")
-    text = file.read_text()
-    try:
-        if file.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except Exception as e:
-        raise UsageError(f"cannot parse --config ({e.__class__.__name__}: {str(e).splitlines()[0][:100]}): {file}") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"--config must hold a mapping of flag names to values: {file}")
-    if values.get("resume") and file.name != "config.json":  # a run's config.json always records its resume
-        print(f"warning: --config {file}: its resume key is ignored (a config starts a run); continue a run "
-              f"with --resume on the command line", file=sys.stderr)
-    values = {k: v for k, v in values.items() if k not in ("resolved", "config", "resume")}
-    actions = {a.dest: a for a in parser._actions}
-    unknown = sorted(set(values) - set(actions))
-    if unknown:
-        raise UsageError(f"--config has unknown keys {', '.join(unknown)}: {file}")
-    return {key: config_value(actions[key], value, file) for key, value in values.items()}
-
-
-def config_value(action: argparse.Action, value: object, file: Path) -> object:
-    """A config file's value as the flag would parse it: argparse applies neither `type`, `nargs` nor
-    `choices` to defaults, so without this `epochs: 1.5` or `scheduler: cosin` would reach the run."""
-    def fail(why: str) -> NoReturn:
-        raise UsageError(f"--config {action.dest}: {why}: {file}")
-
-    def convert(item: object) -> object:
-        if isinstance(item, (list, dict)):
-            fail(f"expected one value, got {item!r}")
-        if action.type is None:
-            converted = item if isinstance(item, str) else str(item)
-        elif isinstance(item, bool) and action.type not in (str2bool, optional_bool):
-            fail(f"expected a number, got {item!r}")  # int(True) would pass as 1
-        else:
-            try:  # as on the command line: 16.0 is not an int, "2e-3" (YAML 1.1 reads it as text) is a float
-                converted = item if isinstance(item, bool) else action.type(str(item))
-            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-                kind = getattr(action.type, "__name__", "")
-                fail(f"expected {'an' if kind == 'int' else 'a'} {kind}, got {item!r}" if kind in ("int", "float")
-                     else str(e))
-        if action.choices is not None and converted not in action.choices:
-            fail(f"unknown value {converted!r} (known: {', '.join(map(str, action.choices))})")
-        return converted
-
-    if value is None:
-        if action.default is None:
-            return None
-        fail(f"needs a value (default {action.default!r})")
-    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
-        if not isinstance(value, list) or (action.nargs == "+" and not value):
-            form = ", ".join(str(action.metavar or "...").split())
-            fail(f"expected a list [{form}] as {action.option_strings[0]} takes, got {value!r}")
-        return [convert(item) for item in value]
-    return convert(value)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -281,9 +228,6 @@ def is_fold_of_cross_validation(resume: Path) -> bool:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Every name and number, before any work: one line each, with the known names."""
-    import loss
-    import model as zoo
-
     pairs = {"--resize": (args.resize, "H W, e.g. 224 224"), "--age_bins": (args.age_bins, "A B, e.g. 30 60"),
              "--score_age_bins": (args.score_age_bins, "A B, e.g. 30 60")}
     for flag, (value, form) in pairs.items():
@@ -339,195 +283,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if min(args.head_weights) < 0:
         raise UsageError(f"--head_weights must be >= 0, got {args.head_weights}")
     if args.register_model is not None:
-        from maskcls.tracking import check_model_name, require_tracking
-
         check_model_name(args.register_model)
         require_tracking(args.tracking_uri, "--register_model needs MLflow tracking")
     if args.label_overrides:
         read_label_overrides(args.label_overrides)  # the file's own faults, before any work
-
-
-@dataclass
-class Settings:
-    """What the run derived from its arguments (kept apart from them in config.json)."""
-
-    task: Task
-    resize: tuple[int, int]
-    age_bins: tuple[int, int]
-    score_age_bins: tuple[int, int]
-    amp: bool
-    channels_last: bool
-    reuse_memory: bool
-    num_workers: int
-    model_options: dict
-    data_dir: str
-    world: int
-    global_batch: int
-    mean: tuple = ()
-    std: tuple = ()
-    run_dir: str | None = None
-    face: dict | None = None  # the face stage's settings (faces.FaceSettings), before training learns its fallback
-
-    def to_dict(self) -> dict:
-        out = {k: v for k, v in vars(self).items() if k != "task"}
-        out.update(task=self.task.name, age_head=self.task.age_head, age_sigma=self.task.age_sigma, world_size=self.world)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if k != "world"}
-
-
-def resolve_settings(args: argparse.Namespace, device: torch.device, world: int) -> Settings:
-    """Defaults that depend on the model, the task or the hardware; unknown names fail here."""
-    from model import check_pretrained, model_info, regularization_options, size_options
-    from maskcls.hub import PretrainedUnavailable
-    from maskcls.runtime import default_amp, default_reuse_memory, slow_amp_warning
-
-    cuda = device.type == "cuda"
-    try:
-        spec = data.dataset_spec(args.dataset)
-        augmentation = data.create_augmentation(args.augmentation)
-        info = model_info(args.model)
-        resize = tuple(args.resize or info.input_size)
-        model_options = {**size_options(args.model, resize),
-                         **regularization_options(args.model, args.dropout, args.drop_path, args.freeze_blocks)}
-        task = get_task(args.task or spec["task"], args.age_head, args.age_sigma)
-        if args.pretrained and not args.resume:
-            check_pretrained(args.model)  # offline without cached weights: fail now, not after data setup
-    except (ValueError, PretrainedUnavailable) as e:
-        raise UsageError(str(e)) from None
-    if augmentation.crop and min(augmentation.crop[1:]) < 1:  # (mode, height, width)
-        raise UsageError(f"--augmentation {args.augmentation} has an empty crop")
-    if augmentation.crop and args.face_crop != "none":
-        raise UsageError(f"--face_crop {args.face_crop} cuts the face from the photo, --augmentation {args.augmentation} "
-                         f"crops the photo's frame ({augmentation.crop[0]} {augmentation.crop[1]}x{augmentation.crop[2]}): "
-                         f"choose one (e.g. --augmentation FastAugmentation)")
-    age_bins = tuple(args.age_bins)
-    if args.amp and (note := slow_amp_warning(device)):
-        log(f"warning: --amp True: {note}")
-    # With the cache nothing is decoded after the first epoch: a worker only adds IPC (bench.py).
-    cpu_training = device.type == "cpu"
-    workers = args.num_workers if args.num_workers is not None else \
-        (0 if args.cache else loaders.default_num_workers(cpu_training))
-    return Settings(task=task, resize=resize, age_bins=age_bins, score_age_bins=tuple(args.score_age_bins or age_bins),
-                    amp=default_amp(device) if args.amp is None else args.amp,
-                    channels_last=True if args.channels_last is None else args.channels_last,
-                    reuse_memory=default_reuse_memory(device) if args.reuse_memory is None else args.reuse_memory,
-                    num_workers=workers, model_options=model_options, data_dir=args.data_dir or str(DEMO_DIR / "train"),
-                    world=world, global_batch=args.batch_size * world * args.accum_steps,
-                    mean=tuple(info.mean), std=tuple(info.std),
-                    face=faces.FaceSettings(args.face_crop).to_dict() if args.face_crop != "none" else None)
-
-
-# --------------------------------------------------------------------------- process helpers
-def log(*args) -> None:
-    if is_main():
-        print(*args, flush=True)
-
-
-def is_main() -> bool:
-    """Rank 0 under torchrun, else True. Read from torchrun's env, not dist.get_rank(), so it
-    stays right after destroy_process_group (otherwise every rank would print the summary)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return True
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def setup_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def broadcast(value: Any, world: int) -> Any:
-    """Rank 0's value on every rank."""
-    if world == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def free_run_dir(model_dir: str, name: str) -> Path:
-    """<model_dir>/<name>, or <name>2, <name>3, ... if taken (never overwrite a run)."""
-    base = Path(model_dir) / name
-    path, n = base, 2
-    while path.exists():
-        path, n = base.with_name(f"{name}{n}"), n + 1
-    return path
-
-
-def unique_dir(model_dir: str, name: str) -> Path:
-    """Create and return the first free run folder (see free_run_dir)."""
-    while True:
-        path = free_run_dir(model_dir, name)
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:  # another run took it meanwhile
-            continue
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def progress(loader, desc: str):
-    if is_main() and sys.stderr.isatty():
-        from tqdm import tqdm
-        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    return loader
-
-
-# --------------------------------------------------------------------------- data
-class EpochSampler(torch.utils.data.Sampler):
-    """Shuffled (or class-weighted, with replacement) order for one epoch, sharded over
-    processes. Seeded by (seed, epoch), so every rank agrees and --resume replays it."""
-
-    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None, rank: int = 0, world: int = 1):
-        self.n, self.seed, self.weights, self.rank, self.world = n, seed, weights, rank, world
-        self.epoch = 0
-        self.per_rank = math.ceil(n / world)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        if self.weights is not None:
-            order = torch.multinomial(self.weights, self.per_rank * self.world, replacement=True, generator=g)
-        else:
-            order = torch.randperm(self.n, generator=g)
-            order = torch.cat([order, order[: self.per_rank * self.world - self.n]])  # pad so shards are equal
-        return iter(order[self.rank::self.world].tolist())
-
-    def __len__(self) -> int:
-        return self.per_rank
 
 
 @dataclass
@@ -547,50 +306,6 @@ class Data:
     split: dict = field(default_factory=dict)  # recorded_split: what --resume compares
 
 
-def sample_key(sample) -> str:
-    """How a run records an image of its split: person folder and file name (not the absolute path, so a
-    moved dataset still matches)."""
-    return f"{sample.person}/{Path(sample.path).name}"
-
-
-def recorded_split(samples: list, train_idx: list[int], val_idx: list[int]) -> dict:
-    """What last.pth keeps of the split, for --resume to compare: the training and validation images."""
-    return {"train": sorted(sample_key(samples[i]) for i in train_idx),
-            "val": sorted(sample_key(samples[i]) for i in val_idx)}
-
-
-def _people(keys) -> str:
-    names = sorted({k.split("/", 1)[0] for k in keys})
-    return f"{len(names)} ({cli.examples(names)})"
-
-
-def keep_recorded_split(samples: list, train_idx: list[int], val_idx: list[int], recorded: dict | None,
-                        cross_validation: bool) -> tuple[list[int], list[int]]:
-    """On --resume: the split the run started with, whatever the data holds now. Images gone since are
-    named and dropped; images new since are left out (validation must stay people the model never trained
-    on, and the first epochs never saw them). A --fold all resume on changed data stops: its later folds
-    would be drawn from other people than its earlier ones. A last.pth from before splits were recorded
-    resumes as before."""
-    if recorded is None:
-        return train_idx, val_idx
-    now = {sample_key(x): i for i, x in enumerate(samples)}
-    before = {"train": set(recorded["train"]), "val": set(recorded["val"])}
-    if before["train"] == {sample_key(samples[i]) for i in train_idx} and \
-            before["val"] == {sample_key(samples[i]) for i in val_idx}:
-        return train_idx, val_idx
-    gone = (before["train"] | before["val"]) - set(now)
-    new = set(now) - before["train"] - before["val"]
-    changes = "; ".join(part for part in (f"{len(gone)} image(s) of {_people(gone)} people are gone" if gone else "",
-                                          f"{len(new)} image(s) of {_people(new)} people are new" if new else "")
-                        if part) or "the same images fall otherwise into training and validation"
-    if cross_validation:
-        raise UsageError(f"the data changed since this cross-validation started ({changes}): its remaining folds "
-                         f"would split other people; start it over without --resume (a new --name)")
-    log(f"warning: the data changed since this run started ({changes}); keeping the run's recorded split: "
-        f"gone images dropped, new ones left out of training and validation")
-    return ([now[k] for k in sorted(before["train"] & set(now))], [now[k] for k in sorted(before["val"] & set(now))])
-
-
 def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin_memory: bool,
                recorded: dict | None = None, cross_validation: bool = False) -> Data:
     overrides = read_label_overrides(args.label_overrides) if args.label_overrides else None
@@ -601,7 +316,7 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
     else:
         train_idx, val_idx = data.split_indices(samples, args.dataset, args.val_ratio, args.seed, s.score_age_bins,
                                                 args.kfold, args.fold)
-    train_idx, val_idx = keep_recorded_split(samples, train_idx, val_idx, recorded, cross_validation)
+    train_idx, val_idx = data.keep_recorded_split(samples, train_idx, val_idx, recorded, cross_validation)
     if not train_idx:
         raise UsageError("no training image is left of the run's recorded split")
     if args.mode != "all" and not val_idx:
@@ -640,57 +355,7 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
                                   pin_memory=pin_memory, seed=args.seed + rank) if val_idx else None
     return Data(samples, store, train_set, val_set, train_loader, val_loader, sampler, val_order, augmentation,
                 overrides.records() if overrides else [], preprocess, located,
-                recorded_split(samples, train_idx, val_idx))
-
-
-# --------------------------------------------------------------------------- optimisation
-class ModelEma(nn.Module):
-    """Exponential moving average of the weights (and buffers) with a warmed-up decay,
-    min(decay, (1 + n) / (10 + n)) after n updates, as timm's ModelEmaV3 does: a fixed 0.999
-    would still hold mostly the initial weights after the few hundred steps of a short run."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        super().__init__()
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.decay = decay
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-
-    def current_decay(self) -> float:
-        n = int(self.updates)
-        return min(self.decay, (1 + n) / (10 + n))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = self.current_decay()
-        for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if ema_v.is_floating_point():
-                ema_v.lerp_(v.detach(), 1.0 - d)
-            else:
-                ema_v.copy_(v)
-        self.updates += 1
-
-
-def make_scheduler(optimizer, name: str, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-                   decay_step_epochs: int = 20):
-    """Stepped once per optimizer step (plateau: once per epoch on val F1)."""
-    total = max(1, epochs * steps_per_epoch)
-    warmup = int(warmup_epochs * steps_per_epoch)
-    if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total,
-                                                   pct_start=max(warmup / total, 0.05) if warmup else 0.3)
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
-    if name == "none":
-        return None
-    if name == "step":
-        step = decay_step_epochs * steps_per_epoch
-        main = lambda s: 0.5 ** (s // step)  # noqa: E731
-    else:  # cosine
-        main = lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))  # noqa: E731
-    # LambdaLR keeps no function in its state dict, so checkpoints stay weights_only-loadable.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else main(s))
+                data.recorded_split(samples, train_idx, val_idx))
 
 
 @dataclass
@@ -729,17 +394,13 @@ class Optimisation:
 
 def build_optimisation(args: argparse.Namespace, model: nn.Module, task: Task, train_targets: np.ndarray,
                        steps_per_epoch: int, device: torch.device, amp: bool) -> Optimisation:
-    from loss import class_weights_from_labels
-    from model import trainable_parameters
-    from maskcls.runtime import amp_dtype
-
     weights = None
     if args.class_weights == "auto":
         weights = [class_weights_from_labels(labels, n).to(device)
                    for labels, n in zip(task.head_labels(train_targets), task.head_classes())]
         weights = tuple(weights) if task.multihead else weights[0]
-    criterion = task.criterion(args.criterion, class_weights=weights, age_bins=tuple(args.age_bins), smoothing=args.smoothing,
-                               gamma=args.focal_gamma, head_weights=tuple(args.head_weights))
+    criterion = loss.criterion_for(task, args.criterion, class_weights=weights, age_bins=tuple(args.age_bins),
+                                   smoothing=args.smoothing, gamma=args.focal_gamma, head_weights=tuple(args.head_weights))
     params = trainable_parameters(model)
     optimizer = getattr(torch.optim, args.optimizer)(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.scheduler, args.lr, args.epochs, steps_per_epoch, args.warmup_epochs,
@@ -747,27 +408,7 @@ def build_optimisation(args: argparse.Namespace, model: nn.Module, task: Task, t
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
     ema = ModelEma(model, args.ema) if args.ema > 0 else None
     return Optimisation(criterion, optimizer, scheduler, scaler, ema, params, args.accum_steps, args.clip_grad,
-                        args.mixup, args.cutmix, per_step_scheduler=args.scheduler != "plateau")
-
-
-def mix_batch(images: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Mixup or CutMix on the device batch; returns (images, targets_a, targets_b, lam)."""
-    use_cutmix = cutmix > 0 and (mixup <= 0 or random.random() < 0.5)
-    alpha = cutmix if use_cutmix else mixup
-    lam = float(np.random.beta(alpha, alpha))
-    perm = torch.randperm(images.shape[0], device=images.device)
-    if use_cutmix:
-        h, w = images.shape[2:]
-        ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-        cy, cx = np.random.randint(h), np.random.randint(w)
-        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        images = images.clone()
-        images[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
-    else:
-        images = lam * images + (1 - lam) * images[perm]
-    return images, targets, targets[perm], lam
+                        args.mixup, args.cutmix, per_step_scheduler=scheduler_info(args.scheduler).per_step)
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -777,9 +418,6 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimisation, transform, task
     """One pass over `loader`; returns train_loss, train_acc, lr, epoch_time, train_images(_per_s),
     summed over all processes. `model` is what runs forward (DDP / compiled); `ema_source` the
     plain module the EMA follows (default `model`)."""
-    from loss import compute_loss, mixed_loss
-    from maskcls.runtime import amp_dtype
-
     dtype = amp_dtype(device)
     mixing = opt.mixup > 0 or opt.cutmix > 0
     model.train()
@@ -842,8 +480,6 @@ class Validation:
 def validate(model: nn.Module, loader, criterion: nn.Module, transform, task: Task, age_bins: Sequence[int],
              device: torch.device, order: Sequence[int] | None = None, amp: bool = False, world: int = 1) -> Validation:
     """Score this rank's shard (rows `order` of the dataset), gather every shard, restore dataset order."""
-    from maskcls.runtime import amp_dtype
-
     model.eval()
     if world > 1:  # BatchNorm running stats drift apart (each rank sees its own batches):
         for buffer in model.buffers():  # score with rank 0's copy, the one that gets saved
@@ -868,21 +504,14 @@ def validate(model: nn.Module, loader, criterion: nn.Module, transform, task: Ta
 
 
 # --------------------------------------------------------------------------- outputs of a validation
-def report_validation(val: Validation, truth: np.ndarray, task: Task, age_bins, epoch: int, best: dict) -> dict:
-    """Per-class table and scores; updates `best`; returns the val_* metrics."""
-    from maskcls.metrics import evaluate_predictions, per_class_table
-
+def report_validation(val: Validation, truth: np.ndarray, task: Task, age_bins, epoch: int,
+                      saver: CheckpointSaver) -> dict:
+    """Per-class table and scores, given to the `saver` (its best scores); returns the val_* metrics."""
     scores = evaluate_predictions(truth, val.pred, task.report_task)
     metrics = {"val_loss": val.loss, "val_acc": scores["accuracy"], "val_f1": scores["f1"]}
     metrics.update({f"val_{k}": v for k, v in scores.items() if k.startswith("f1_")})
-    best["improved_acc"] = scores["accuracy"] > best["acc"]
-    best["improved_f1"] = scores["f1"] > best["f1"]
-    if best["improved_acc"]:
-        best["acc"] = scores["accuracy"]
-    if best["improved_f1"]:
-        best.update(f1=scores["f1"], epoch=epoch, stale=0)
-    else:
-        best["stale"] += 1
+    saver.score(epoch, scores["accuracy"], scores["f1"])
+    best = saver.best
     log(per_class_table(truth, val.pred, task.report_task, age_bins))
     extra = " ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("f1_"))
     log(f"[val] epoch {epoch + 1}: acc {scores['accuracy']:.2%} loss {val.loss:.4f} "
@@ -895,9 +524,6 @@ def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, 
     """For the best-F1 epoch: confusion matrix, per-class CSV, the error gallery (errors.png, also to
     TensorBoard via `writer`; with `face_crops` it shows the crops the model saw) and the out-of-fold
     material that calibrate.py (decision rule) and audit.py (label audit) read."""
-    from maskcls.gallery import save_error_gallery
-    from maskcls.metrics import save_confusion_matrix_png, write_per_class_csv
-
     save_confusion_matrix_png(run_dir / "confusion_matrix.png", truth, val.pred, task.report_task, age_bins)
     write_per_class_csv(run_dir / "per_class.csv", truth, val.pred, task.report_task, age_bins)
     np.save(run_dir / "val_probs.npy", val.probs)
@@ -920,9 +546,7 @@ def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, 
 # --------------------------------------------------------------------------- model
 def build_model(args: argparse.Namespace, s: Settings, device: torch.device, pretrained: bool) -> nn.Module:
     """The network, on the device, in the run's memory format: what is saved and what the EMA follows."""
-    from model import create_model
-
-    model = create_model(args.model, s.task.num_classes, pretrained=pretrained, multihead=s.task.head_sizes or False,
+    model = zoo.create_model(args.model, s.task.num_classes, pretrained=pretrained, multihead=s.task.head_sizes or False,
                          **s.model_options).to(device)
     return model.to(memory_format=torch.channels_last) if s.channels_last else model
 
@@ -943,8 +567,6 @@ def start_tracking(args: argparse.Namespace, s: Settings, run_dir: Path, resumed
                    parent: Any = None) -> Any:
     """The MLflow run of `run_dir` (a child of `parent` for a fold of --fold all), started before any
     data work so that an unreachable server stops the run at once."""
-    from maskcls.tracking import Tracker, TrackingError, resolve_experiment, resolve_tracking_uri, resolve_user
-
     name = f"{parent.run_name}/{run_dir.name}" if parent is not None else run_dir.name
     tracker = Tracker(resolve_tracking_uri(args.tracking_uri), resolve_experiment(args.experiment, DEFAULT_EXPERIMENT),
                       name, resolve_user(args.user), enabled=is_main())
@@ -971,10 +593,9 @@ class RunResult:
 def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.device, parent: Any = None) -> RunResult:
     """Build data, model, optimisation and tracking for `args`, then run the epoch loop."""
     resumed = load_resumable(args.resume) if args.resume else None
-    s = resolve_settings(args, device, world)
+    s = resolve_settings(args, device, world, str(DEMO_DIR / "train"))
     if s.reuse_memory:  # before the loaders fork their workers; what config.json records is what took effect
-        from maskcls.runtime import reuse_freed_memory
-        s.reuse_memory = reuse_freed_memory()
+        s.reuse_memory = runtime.reuse_freed_memory()
     if resumed:
         check_resumable(resumed, args.model, s.model_options, s.task, s.resize, args.resume, args.face_crop)
         if resumed["epoch"] + 1 >= args.epochs and parent is None:  # nothing to train: leave the run as it is
@@ -984,7 +605,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                              world))
     tracker = start_tracking(args, s, run_dir, resumed, parent)
     task, epoch, saved_epoch, metrics = s.task, -1, -1, {}
-    best = {"acc": -1.0, "f1": -1.0, "epoch": -1, "stale": 0}
+    best = new_best()
     d = None
     try:
         with tracker:
@@ -1012,7 +633,8 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
             saver = CheckpointSaver(run_dir, build_metadata(
                 args.model, s.model_options, task, s.age_bins,
                 d.preprocess,
-                args=vars(args), resolved=s.to_dict(), age_cuts=s.score_age_bins, label_overrides=d.label_overrides))
+                args=vars(args), resolved=s.to_dict(), age_cuts=s.score_age_bins, label_overrides=d.label_overrides),
+                best)
             eval_model = opt.ema.module if opt.ema is not None else model
             if is_main():
                 atomic_write_text(run_dir / "config.json", json.dumps({**vars(args), "resolved": s.to_dict()}, indent=2))
@@ -1025,7 +647,6 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                     f"outputs: {run_dir}")
             writer = None
             if is_main():
-                from torch.utils.tensorboard import SummaryWriter
                 writer = SummaryWriter(run_dir)
             truth = np.array(d.val_set.labels())
             try:
@@ -1041,13 +662,13 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                     if d.val_loader is not None:
                         val = validate(eval_model, d.val_loader, opt.criterion, transform, task, s.score_age_bins,
                                        device, d.val_order, s.amp, world)
-                        val_metrics = report_validation(val, truth, task, s.score_age_bins, epoch, best) if is_main() else {}
-                        best, val_metrics = broadcast((best, val_metrics), world)  # every rank decides alike
+                        val_metrics = report_validation(val, truth, task, s.score_age_bins, epoch, saver) if is_main() else {}
+                        scored, saver.improved, val_metrics = broadcast((best, saver.improved, val_metrics), world)
+                        best.update(scored)  # every rank decides alike
                         metrics.update(val_metrics)
-                        if is_main() and best["improved_acc"]:
-                            saver.save("best.pth", eval_model.state_dict(), epoch, metrics)
-                        if is_main() and best["improved_f1"]:
-                            saver.save("best_f1.pth", eval_model.state_dict(), epoch, metrics)
+                        if is_main():
+                            saver.save_best(eval_model.state_dict(), epoch, metrics)
+                        if is_main() and "best_f1.pth" in saver.improved:
                             write_validation_outputs(run_dir, val, truth, d.val_set, task, s.score_age_bins, tracker,
                                                      writer, epoch, face_crops=d.located is not None)
                         if opt.scheduler is not None and not opt.per_step_scheduler:
@@ -1055,10 +676,9 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                     if is_main():
                         resume = {**opt.resume_state(), "state_dict_train": model.state_dict(), "rng": rng_state(),
                                   "split": d.split,
-                                  "best": {k: best[k] for k in ("acc", "f1", "epoch", "stale")},
                                   "tracking": {"uri": tracker.uri, "run_id": tracker.run_id,
                                                "parent_run_id": parent.run_id if parent is not None else None}}
-                        saver.save("last.pth", eval_model.state_dict(), epoch, metrics, resume=resume)
+                        saver.save_last(eval_model.state_dict(), epoch, metrics, resume)
                         log_epoch(writer, tracker, metrics, epoch)
                     saved_epoch = epoch
                     if args.early_stopping and d.val_loader is not None and best["stale"] >= args.early_stopping:
@@ -1069,7 +689,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 if writer is not None:
                     writer.close()
             if is_main() and parent is None and tracker.active:  # a fold's model is in its parent's soft vote
-                from maskcls.pyfunc import log_model
+                from maskcls.pyfunc import log_model  # heavy (mlflow): only a tracked run pays for it
                 log_model(tracker, run_dir, args.register_model)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the tracker ended the run as KILLED
         # Only the exit code leaves, not the traceback and the frames it holds; `finally` stops the
@@ -1128,7 +748,7 @@ def cross_validate(args: argparse.Namespace, rank: int, world: int, device: torc
         first = int(Path(args.resume).parent.name.removeprefix("fold"))
     else:
         parent_dir = Path(broadcast(str(unique_dir(args.model_dir, args.name)) if is_main() else None, world))
-    s = resolve_settings(args, device, world)
+    s = resolve_settings(args, device, world, str(DEMO_DIR / "train"))
     # a resumed cross-validation continues its parent MLflow run, which the fold's last.pth names
     saved = (load_resumable(args.resume).get("tracking") or {}) if args.resume else {}
     parent = start_tracking(args, s, parent_dir, {"tracking": {"uri": saved.get("uri"),
@@ -1143,8 +763,6 @@ def cross_validate(args: argparse.Namespace, rank: int, world: int, device: torc
 
 def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: int, parent: Any, rank: int,
                 world: int, device: torch.device) -> dict:
-    from maskcls.metrics import evaluate_predictions
-
     later = [parent_dir / f"fold{fold}" for fold in range(first + 1, args.kfold) if (parent_dir / f"fold{fold}").exists()]
     if args.resume and later:
         raise UsageError(f"{later[0]} exists already: resume from the last fold that has a last.pth")
@@ -1163,44 +781,11 @@ def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: 
         parent.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, step=0)
         parent.log_artifact(parent_dir / "cv.json")
         if parent.active:  # one model: the soft vote of every fold's best_f1.pth
-            from maskcls.pyfunc import log_model
+            from maskcls.pyfunc import log_model  # heavy (mlflow): only a tracked run pays for it
             log_model(parent, parent_dir, args.register_model)
         log(cv_report(summary, args.kfold) + f"\n  folds in {parent_dir}; predict with all of them: "
             f"python inference.py --model_dir {shlex.quote(str(parent_dir))} --data_dir <eval folder>")
     return summary
-
-
-def summarise_folds(runs: Sequence[Path], task: Task, evaluate) -> dict:
-    """Mean and sample standard deviation over folds of each best-F1 epoch's scores, and the macro F1
-    of all out-of-fold predictions pooled (every person scored once, by the fold that never saw them)."""
-    from maskcls.checkpoint import load_checkpoint
-
-    per_fold, probs, labels = [], [], []
-    for run in runs:
-        ckpt = load_checkpoint(run / "best_f1.pth")
-        last = load_checkpoint(run / "last.pth")
-        per_fold.append({"run": str(run), "best_epoch": ckpt["epoch_number"], **{k: ckpt["metrics"][k] for k in
-                         ckpt["metrics"] if k.startswith("val_")}, "last_val_f1": last["metrics"].get("val_f1")})
-        probs.append(np.load(run / "val_probs.npy"))
-        labels.append(np.load(run / "val_labels.npy"))
-    pooled = evaluate(np.concatenate(labels), np.concatenate(probs).argmax(1), task.report_task)
-    summary: dict = {"folds": per_fold}
-    for key in [k for k in per_fold[0] if k.startswith("val_") or k == "last_val_f1"]:
-        values = np.array([f[key] for f in per_fold], dtype=np.float64)
-        summary[f"cv_{key}_mean"] = float(values.mean())
-        summary[f"cv_{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    summary.update({f"cv_oof_{k}": float(v) for k, v in pooled.items() if k == "accuracy" or k.startswith("f1")})
-    return summary
-
-
-def cv_report(summary: dict, k: int) -> str:
-    def pm(key: str) -> str:
-        return f"{summary[f'cv_{key}_mean']:.4f} +- {summary[f'cv_{key}_std']:.4f}"
-
-    folds = " ".join(f"{f['val_f1']:.4f}" for f in summary["folds"])
-    return (f"cross-validation, {k} folds by person: macro F1 {pm('val_f1')} (folds: {folds}); "
-            f"last epoch {pm('last_val_f1')}\n  mask {pm('val_f1_mask')}, gender {pm('val_f1_gender')}, "
-            f"age {pm('val_f1_age')}; all out-of-fold predictions pooled: macro F1 {summary['cv_oof_f1']:.4f}")
 
 
 # --------------------------------------------------------------------------- main
@@ -1208,7 +793,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.dist_timeout)
     if not args.data_dir:
-        from demo_data import ensure_demo_data
         if is_main():
             ensure_demo_data(DEMO_DIR)
         if world > 1:

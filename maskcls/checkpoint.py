@@ -13,7 +13,7 @@ Format `mask-toolkit/1` (a dict):
     epoch_number (the same epoch as the console printed it: epoch + 1), metrics;
     last.pth adds what --resume needs (state_dict_train, optimizer, scheduler, scaler, ema, rng,
     best, tracking, split: the training and validation images as person/file, compared on resume).
-`build_metadata` makes the descriptive part, `CheckpointSaver` writes every file of a run,
+`build_metadata` makes the descriptive part, `CheckpointSaver` (maskcls/saver.py) writes every file of a run,
 `load_checkpoint` reads and checks one, `set_decision` updates the decision rule in place.
 `run_folder` and `load_array` check a run folder and read the arrays train.py leaves beside its
 checkpoints (val_probs.npy, val_labels.npy, val_logits.npy); every error names the file.
@@ -79,28 +79,6 @@ def build_metadata(model_name: str, model_options: dict, task: Task, age_bins: S
         "args": args, "resolved": resolved,
         "label_overrides": [dict(o) for o in label_overrides or ()],
     }
-
-
-class CheckpointSaver:
-    """The one writer of a run's checkpoints (best.pth, best_f1.pth, last.pth)."""
-
-    def __init__(self, run_dir: str | os.PathLike, metadata: dict) -> None:
-        self.run_dir = Path(run_dir)
-        self.metadata = metadata
-
-    def save(self, filename: str, state_dict: dict, epoch: int, metrics: dict, resume: dict | None = None) -> Path:
-        """`resume`: the extra state (RESUME_KEYS) that lets --resume continue exactly."""
-        if filename not in STATE_FILES:
-            raise ValueError(f"unknown checkpoint name {filename!r}; known: {', '.join(STATE_FILES)}")
-        ckpt = dict(self.metadata, state_dict=state_dict, epoch=epoch, epoch_number=epoch + 1, metrics=dict(metrics))
-        if resume is not None:
-            missing = set(RESUME_KEYS) - set(resume)
-            if missing:
-                raise ValueError(f"resume state lacks {sorted(missing)}")
-            ckpt.update(resume)
-        path = self.run_dir / filename
-        atomic_save(ckpt, path)
-        return path
 
 
 def run_folder(path: str | os.PathLike) -> Path:

@@ -216,3 +216,23 @@ def replace_folder(out: PathLike, build: Callable[[Path], None], *, marker: str,
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)  # rmtree removes symlinks, never their targets
     return out
+
+
+def free_run_dir(model_dir: str, name: str) -> Path:
+    """<model_dir>/<name>, or <name>2, <name>3, ... if taken (never overwrite a run)."""
+    base = Path(model_dir) / name
+    path, n = base, 2
+    while path.exists():
+        path, n = base.with_name(f"{name}{n}"), n + 1
+    return path
+
+
+def unique_dir(model_dir: str, name: str) -> Path:
+    """Create and return the first free run folder (see free_run_dir)."""
+    while True:
+        path = free_run_dir(model_dir, name)
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:  # another run took it meanwhile
+            continue

@@ -313,15 +313,6 @@ class Task:
             return None
         return self.survival(logits[:, -len(AGE_THRESHOLDS):])
 
-    # ---- loss
-    def criterion(self, name: str, class_weights=None, age_bins: Sequence[int] = DEFAULT_AGE_BINS, **options):
-        """The training loss for this task's outputs and targets (see loss.create_criterion); `age_bins`
-        are the cut points a spread age label is split at."""
-        from loss import create_criterion
-
-        return create_criterion(name, self.num_classes, task=self.name, class_weights=class_weights,
-                                age_head=self.age_head, age_sigma=self.age_sigma, age_bins=age_bins, **options)
-
 
 def get_task(name: str, age_head: str = "bins", age_sigma: float = 0.0) -> Task:
     return Task(name, age_head, float(age_sigma))

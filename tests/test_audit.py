@@ -20,6 +20,7 @@ import dataset as data
 from maskcls.checkpoint import atomic_save, build_metadata, load_checkpoint
 from maskcls.task import MASK_KINDS, AGE_THRESHOLDS, get_task
 from maskcls import overrides
+from maskcls.task import age_label, decode_class, encode_class
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Measured on 240 demo people (3 inject/train seeds): recall among the top 2 x injected suspects was
@@ -61,22 +62,22 @@ def planted(demo_root, tmp_path_factory) -> tuple[Path, dict]:
     seen = filed.copy()  # what the photos show
     gender_p, age_p, swap_p, odd_p = people[1], people[5], people[9], people[13]
     for i, s in enumerate(samples):
-        m, g, a = data.decode_class(int(seen[i]))
+        m, g, a = decode_class(int(seen[i]))
         if s.person == gender_p:
-            filed[i] = data.encode_class(m, 1 - g, a)
+            filed[i] = encode_class(m, 1 - g, a)
         if s.person == swap_p and s.kind in ("normal", "incorrect_mask"):
-            seen[i] = data.encode_class(3 - m, g, a)  # the normal file shows the incorrect mask and vice versa
+            seen[i] = encode_class(3 - m, g, a)  # the normal file shows the incorrect mask and vice versa
     samples = [data.Sample(s.path, s.person, s.kind, s.mask, s.gender, 45 if s.person == age_p and s.age < 30 else
                            20 if s.person == age_p else s.age) for s in samples]
     age_filed = samples[[s.person for s in samples].index(age_p)].age
-    filed = np.array([data.encode_class(*data.decode_class(int(f))[:2], data.age_label(s.age)) for f, s in zip(filed, samples)])
+    filed = np.array([encode_class(*decode_class(int(f))[:2], age_label(s.age)) for f, s in zip(filed, samples)])
     probs = confident(seen)
     odd = next(i for i, s in enumerate(samples) if s.person == odd_p and s.kind == "mask2")
-    m, g, a = data.decode_class(int(seen[odd]))
-    probs[odd] = confident(np.array([data.encode_class(m, 1 - g, (a + 1) % 3)]), p=0.97)[0]  # someone else
+    m, g, a = decode_class(int(seen[odd]))
+    probs[odd] = confident(np.array([encode_class(m, 1 - g, (a + 1) % 3)]), p=0.97)[0]  # someone else
     run = write_run(tmp_path_factory.mktemp("planted") / "run", samples, probs, filed)
     return run, {"gender": gender_p, "age": age_p, "age_filed": age_filed, "mask_swap": swap_p, "outlier": odd_p,
-                 "true_age_group": data.age_label(next(s.age for s in data.discover(demo_root / "train", verbose=False)
+                 "true_age_group": age_label(next(s.age for s in data.discover(demo_root / "train", verbose=False)
                                                        if s.person == age_p))}
 
 
@@ -90,7 +91,7 @@ def test_planted_errors_rank_first_with_the_right_suggestion(planted, tmp_path, 
     assert first["gender"].person == truth["gender"] and first["gender"].image == ""
     assert first["gender"].suggested in ("male", "female") and first["gender"].label != first["gender"].suggested
     assert first["age"].person == truth["age"] and first["age"].label == str(truth["age_filed"])
-    assert data.age_label(int(first["age"].suggested)) == truth["true_age_group"]
+    assert age_label(int(first["age"].suggested)) == truth["true_age_group"]
     swap = first["mask_swap"]
     assert (swap.person, swap.image, swap.label, swap.suggested) == (truth["mask_swap"], "normal.jpg", "normal",
                                                                       "incorrect_mask")
@@ -265,7 +266,7 @@ def test_inject_then_truth_as_overrides_restores_every_label(demo_root, tmp_path
     assert sum(clean[k] != noisy[k] for k in clean) == 4 * 7 + 4 * 7 + 2 * 2  # every photo of a person, two per swap
     for r in truth:
         if r["kind"] == "age":  # moved across a cut, by at most ten years past it
-            assert data.age_label(int(r["label"])) != data.age_label(int(r["suggested"]))
+            assert age_label(int(r["label"])) != age_label(int(r["suggested"]))
     fixed = labels_by_file(data.discover(out / "train", label_overrides=out / "truth.csv"))
     assert fixed == clean
     assert "label overrides: 4 gender, 4 age, 2 mask swap, 0 dropped" in capsys.readouterr().out
@@ -302,7 +303,7 @@ def test_measured_recall_and_overrides_fix_the_labels(tmp_path_factory, single_t
     before = labels_by_file(data.discover(noisy / "train", verbose=False))
     after = labels_by_file(data.discover(noisy / "train", verbose=False, label_overrides=keep))
     wrong = {k for k in truth if before[k] != truth[k]}
-    still = {k for k in wrong if after[k][:2] != truth[k][:2] or data.age_label(after[k][2]) != data.age_label(truth[k][2])}
+    still = {k for k in wrong if after[k][:2] != truth[k][:2] or age_label(after[k][2]) != age_label(truth[k][2])}
     found = sum(r["found"] * (7 if k != "mask_swap" else 2) for k, r in report.items())
     assert len(wrong) - len(still) == found  # every confirmed suggestion fixes its labels (age: the right group)
     assert all(after[k] == before[k] for k in truth if k not in wrong)  # and nothing else changes

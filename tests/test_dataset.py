@@ -20,6 +20,7 @@ from model import IMAGENET_MEAN, IMAGENET_STD
 from maskcls import imaging
 from maskcls import augment
 from maskcls import loaders
+from maskcls.task import TASK_CLASSES, age_label, decode_class, encode_class, task_target
 
 SIZE = (40, 32)  # (H, W) requested from the datasets
 N_PEOPLE = 18
@@ -88,34 +89,34 @@ def _people_of(samples, idx) -> set[str]:
     (59, (30, 58), 2), (60, (30, 58), 2), (18, (30, 58), 0),
 ])
 def test_age_label_boundaries(age, bins, expected):
-    assert data.age_label(age, bins) == expected
+    assert age_label(age, bins) == expected
 
 
 def test_age_label_default_bins():
-    assert [data.age_label(a) for a in (29, 30, 59, 60)] == [0, 1, 1, 2]
+    assert [age_label(a) for a in (29, 30, 59, 60)] == [0, 1, 1, 2]
 
 
 def test_encode_decode_round_trip_all_18():
     seen = set()
     for label in range(18):
-        m, g, a = data.decode_class(label)
+        m, g, a = decode_class(label)
         assert m in range(3) and g in range(2) and a in range(3)
-        assert data.encode_class(m, g, a) == label
+        assert encode_class(m, g, a) == label
         seen.add((m, g, a))
     assert len(seen) == 18
-    assert data.encode_class(2, 1, 2) == 17 and data.encode_class(1, 0, 1) == 7
+    assert encode_class(2, 1, 2) == 17 and encode_class(1, 0, 1) == 7
 
 
 @pytest.mark.parametrize("task,expected", [
     ("all", 2 * 6 + 1 * 3 + 1), ("mask", 2), ("genderage", 4), ("multi", (2, 1, 1)),
 ])
 def test_task_target(task, expected):
-    assert data.task_target(2, 1, 1, task) == expected
+    assert task_target(2, 1, 1, task) == expected
 
 
 def test_task_target_unknown_lists_tasks():
     with pytest.raises(ValueError, match="genderage"):
-        data.task_target(0, 0, 0, "gender")
+        task_target(0, 0, 0, "gender")
 
 
 def test_sample_target_uses_age_bins():
@@ -371,7 +372,7 @@ def test_split_by_profile_stratified():
     samples = _fake_samples(6)  # 6 strata x 6 people; 7 in val -> every stratum can be represented
     for seed in range(8):
         _, val_idx = data.split_by_profile(samples, 0.2, seed=seed)
-        strata = {samples[i].gender * 3 + data.age_label(samples[i].age) for i in val_idx}
+        strata = {samples[i].gender * 3 + age_label(samples[i].age) for i in val_idx}
         assert strata == set(range(6)), seed
 
 
@@ -451,7 +452,7 @@ def test_every_dataset_name_builds(samples, name):
     train_set = data.MaskDataset(samples, store, train_idx, task, augmentation=aug, train=True)
     val_set = data.MaskDataset(samples, store, val_idx, task)
     assert len(train_set) + len(val_set) == len(samples)
-    n_classes = data.TASK_CLASSES[task]
+    n_classes = TASK_CLASSES[task]
     for ds, idx in ((train_set, train_idx), (val_set, val_idx)):
         for i in (0, len(ds) - 1):
             img, target = ds[i]
@@ -469,7 +470,7 @@ def test_multi_task_targets(samples):
     ds = data.MaskDataset(samples, store, idx, "multi")
     img, target = ds[0]
     assert isinstance(target, torch.Tensor) and target.shape == (3,) and target.dtype == torch.int64
-    assert tuple(target.tolist()) == data.decode_class(_expected_label(samples[idx[0]].path))
+    assert tuple(target.tolist()) == decode_class(_expected_label(samples[idx[0]].path))
     batch_imgs, batch_targets = next(iter(loaders.make_loader(ds, batch_size=4)))
     assert batch_imgs.shape == (4, 3, *SIZE) and batch_targets.shape == (4, 3)
     assert batch_targets[:, 0].max() <= 2 and batch_targets[:, 1].max() <= 1 and batch_targets[:, 2].max() <= 2

@@ -24,6 +24,8 @@ import torch
 import dataset as data
 import train
 from maskcls.checkpoint import load_checkpoint
+from maskcls import distributed
+from maskcls import samplers
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID_BATCH = 4
@@ -287,11 +289,11 @@ def test_stuck_worker_times_out(demo, work):
 # --------------------------------------------------------------------------- in-process units
 def test_epoch_sampler_shards_are_disjoint_and_cover_the_epoch():
     n, world = 11, 3
-    shards = [list(train.EpochSampler(n, seed=5, rank=r, world=world)) for r in range(world)]
-    assert all(len(s) == len(train.EpochSampler(n, 5, rank=r, world=world)) == 4 for r, s in enumerate(shards))
+    shards = [list(samplers.EpochSampler(n, seed=5, rank=r, world=world)) for r in range(world)]
+    assert all(len(s) == len(samplers.EpochSampler(n, 5, rank=r, world=world)) == 4 for r, s in enumerate(shards))
     flat = sorted(i for s in shards for i in s)
     assert set(flat) == set(range(n)) and len(flat) == 12  # one repeat pads 11 to 3 x 4
-    sampler = train.EpochSampler(n, seed=5)
+    sampler = samplers.EpochSampler(n, seed=5)
     first = list(sampler)
     sampler.set_epoch(1)
     assert list(sampler) != first and sorted(sampler) == list(range(n))  # reshuffled each epoch
@@ -303,13 +305,13 @@ def test_weighted_epoch_sampler_shards_one_draw():
     weights = torch.tensor([1.0] * 8 + [50.0] * 2, dtype=torch.double)
     shards = []
     for rank in range(2):
-        s = train.EpochSampler(10, seed=1, weights=weights, rank=rank, world=2)
+        s = samplers.EpochSampler(10, seed=1, weights=weights, rank=rank, world=2)
         s.set_epoch(3)
         shards.append(list(s))
     assert len(shards[0]) == len(shards[1]) == 5
     drawn = shards[0] + shards[1]
     assert sum(i >= 8 for i in drawn) > 5  # class-weighted: the heavy items dominate
-    again = train.EpochSampler(10, seed=1, weights=weights, rank=0, world=2)
+    again = samplers.EpochSampler(10, seed=1, weights=weights, rank=0, world=2)
     again.set_epoch(4)
     assert list(again) != shards[0]  # reseeded per epoch
 
@@ -317,9 +319,9 @@ def test_weighted_epoch_sampler_shards_one_draw():
 def test_is_main_follows_torchrun_rank(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    assert train.is_main()
+    assert distributed.is_main()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert not train.is_main()  # also after destroy_process_group: no duplicate summary lines
+    assert not distributed.is_main()  # also after destroy_process_group: no duplicate summary lines
     monkeypatch.setenv("RANK", "0")
-    assert train.is_main()
+    assert distributed.is_main()

@@ -25,6 +25,7 @@ from maskcls.task import (AGE_THRESHOLDS, Task, age_group_probs_from_survival, a
 from maskcls import imaging
 from maskcls import augment
 from maskcls import loaders
+from maskcls.ema import ModelEma
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def test_train_one_epoch_and_validate_called_directly(demo_root):
 
 def test_ema_warm_up_follows_the_model_early():
     model = torch.nn.Linear(4, 2)
-    ema = train.ModelEma(model, 0.999)
+    ema = ModelEma(model, 0.999)
     assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0): the first update mostly copies
     with torch.no_grad():
         model.weight.add_(1.0)
