@@ -40,21 +40,39 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
+import torch
 
-from maskcls import cli
 import dataset as data
-from maskcls.checkpoint import (VALIDATION_SAMPLES, CheckpointError, expand_runs, load_array, load_checkpoint,
-                        resolve_state_path, run_folder, validation_samples)
+from maskcls import cli, overrides
+from maskcls.checkpoint import (
+    VALIDATION_SAMPLES,
+    CheckpointError,
+    expand_runs,
+    load_array,
+    load_checkpoint,
+    resolve_state_path,
+    run_folder,
+    validation_samples,
+)
 from maskcls.fileio import atomic_write_text, check_apart, replace_folder
-from maskcls.task import (MASK_KINDS, AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, age_label, age_names, join_labels,
-                  split_labels, split_probs, task_of)
-from maskcls import overrides
-
-if TYPE_CHECKING:
-    from maskcls.gallery import SheetRow
+from maskcls.gallery import Cell, SheetRow, save_sheet
+from maskcls.task import (
+    AGE_THRESHOLDS,
+    DEFAULT_AGE_BINS,
+    GENDER_NAMES,
+    MASK_KINDS,
+    MASK_NAMES,
+    age_label,
+    age_names,
+    join_labels,
+    split_labels,
+    split_probs,
+    task_of,
+)
+# Imported where used, being heavy or optional: cleanlab (only --method cleanlab).
 
 COLUMNS = overrides.OVERRIDE_COLUMNS
 KINDS = overrides.OVERRIDE_KINDS
@@ -130,8 +148,6 @@ def read_run(run: Path) -> tuple[dict, dict]:
 
 def load_predictions(runs: Sequence[Path]) -> Predictions:
     """The runs' out-of-fold predictions, one row per photo; runs must share the label space and age bins."""
-    import torch
-
     merged: dict[str, dict] = {}
     task_name, bins = None, None
     for run in runs:
@@ -301,8 +317,6 @@ def csv_text(rows: Sequence[Sequence[str]]) -> str:
 
 def sheet_rows(pred: Predictions, found: list[Suspicion], limit: int = SHEET_ROWS):
     """The contact sheet's rows: the top suspects of each kind in turn, each with the person's photos."""
-    from maskcls.gallery import Cell, SheetRow
-
     p_mask, p_gender, p_age = pred.parts
     by_kind = {k: [s for s in found if s.kind == k] for k in KINDS}
     picked = [by_kind[k][r] for r in range(limit) for k in KINDS if r < len(by_kind[k])][:limit]
@@ -373,7 +387,6 @@ def run_audit(run_args: Sequence[str], out: str | os.PathLike, sheet: int = SHEE
               "train with --kfold K --fold all and audit that folder to cover everyone")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "audit.csv", csv_text([s.row() for s in found]))
-    from maskcls.gallery import save_sheet
 
     rows = sheet_rows(pred, found, sheet)
     warn_missing_photos(rows)

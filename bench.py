@@ -64,15 +64,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from maskcls import cli
 import dataset as data
+import model as zoo
+from maskcls import augment, cli, imaging, loaders, predictor, pyfunc, runtime
+from maskcls.checkpoint import load_checkpoint, validation_samples
+from maskcls.runtime import amp_dtype, default_amp, reuse_freed_memory, slow_amp_warning
 from maskcls.task import NUM_CLASSES
-from maskcls import imaging
-from maskcls import augment
-from maskcls import loaders
-from maskcls import runtime
-from maskcls import predictor
-from maskcls import pyfunc
+from model import create_model, trainable_parameters
+# Imported where used, being heavy or optional: torchvision's transforms (only the reference pipeline).
 
 REQUIRED_KEYS = ("reference_ips", "cold_ips", "warm_ips", "cold_ratio", "warm_ratio", "train_ips", "infer_ips",
                  "infer_eager_ips", "resize", "model", "device")
@@ -240,8 +239,6 @@ def bench_pipelines(paths: list[str], args, mean, std, device: torch.device, wor
                     reuse_memory: bool) -> tuple[dict[int, dict], bool]:
     """The pipelines' rates by worker count, and whether --reuse_memory took effect (it is switched
     on here, after the original's reference epochs, when `reuse_memory`)."""
-    from maskcls.runtime import reuse_freed_memory
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -301,15 +298,10 @@ INFER_VARIANTS = {"infer_contiguous_ips": (False, False), "infer_channels_last_i
 def default_variant(device: torch.device, variants: dict[str, tuple[bool, bool]]) -> str:
     """The one of `variants` train.py and inference.py use by default here: channels_last, and autocast
     where model.default_amp says (CUDA)."""
-    from maskcls.runtime import default_amp
-
     return next(name for name, variant in variants.items() if variant == (True, default_amp(device)))
 
 
 def bench_model(args, device: torch.device) -> dict:
-    from model import create_model, trainable_parameters  # train.py's precision
-    from maskcls.runtime import amp_dtype, slow_amp_warning
-
     b, (h, w) = args.batch_size, args.resize
     gen = torch.Generator().manual_seed(args.seed)
     inputs = torch.randn(b, 3, h, w, generator=gen).to(device)
@@ -364,9 +356,6 @@ def bench_loop(paths: list[str], args, mean, std, device: torch.device, workdir:
     """A real training loop (loader + the default model step) for a few batches: with the warm cache
     or decoding every image, in the main process or in workers, at torch's thread count: the choices
     behind train.py's `--num_workers` default. images/s after one warm-up batch."""
-    from model import create_model
-    from maskcls.runtime import amp_dtype, default_amp
-
     amp, dtype = default_amp(device), amp_dtype(device)
     augmentation = augment.Augmentation("bench", hflip=0.5, jitter=JITTER)
     samples = [data.Sample(p, f"p{i}", "mask1", 0, 0, 20) for i, p in enumerate(paths)]  # labels unused
@@ -555,8 +544,6 @@ def serve_load(url: str, cases: Sequence[Case], clients: int = 8, seconds: float
 def serve_bench(args: argparse.Namespace) -> dict:
     """--serve RUN_DIR: the run's model logged to a temporary sqlite store, served on a free 127.0.0.1 port
     (its own process group, stopped by its pid), loaded by `serve_load`."""
-    from maskcls.checkpoint import load_checkpoint, validation_samples
-
     run_dir = Path(args.serve)
     ckpt = load_checkpoint(pyfunc.model_checkpoints([run_dir])[0])
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -623,7 +610,6 @@ def main(argv: list[str] | None = None) -> dict:
         cli.positive_int(size, "--resize")
     for nw in args.num_workers or ():
         cli.non_negative(nw, "--num_workers")
-    import model as zoo
 
     try:
         device = runtime.resolve_device(args.device)

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from maskcls import cli
-from maskcls.checkpoint import (CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path, run_folder,
-                        set_decision)
+from maskcls.checkpoint import (CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path,
+                                run_folder, set_decision)
 from maskcls.fileio import atomic_write_text
 from maskcls.metrics import macro_f1
 from maskcls.task import AGE_THRESHOLDS, Task, decide, log_probs, task_of
@@ -113,7 +114,6 @@ class OutOfFold:
     def probs_at(self, cuts) -> np.ndarray:
         if cuts is None or self.logits is None:
             return self.probs
-        import torch
 
         return self.task.probs(torch.from_numpy(self.logits), cuts).numpy()
 
@@ -212,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         raise CheckpointError("runs have different numbers of classes: " + ", ".join(str(r) for r in runs))
 
     def training_run(client) -> str:  # --run_id checkpoint
-        from maskcls.checkpoint import training_run
         return training_run(runs, client)
 
     tracker = step_tracker(args, "calibrate", {"runs": [str(r) for r in runs], "state": args.state, "method": args.method,

@@ -30,6 +30,7 @@ from maskcls.imaging import ImageStore, check_image
 from maskcls.overrides import LabelOverrides, read_label_overrides
 from maskcls.task import (DEFAULT_AGE_BINS, GENDERS, MASK_KINDS, MAX_AGE, NUM_CLASSES, Task, age_label, encode_class,
                           get_task, task_target)
+# Imported where used, being heavy or optional: scikit-learn's splitters and albumentations (only their presets).
 
 cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubscribe the cores
 

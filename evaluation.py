@@ -32,10 +32,10 @@ from typing import Sequence
 
 import numpy as np
 
-from maskcls import cli
-from maskcls import metrics
+from maskcls import cli, metrics
 from maskcls.fileio import path_escape
-from maskcls.task import NUM_CLASSES
+from maskcls.gallery import error_rows, save_error_gallery
+from maskcls.task import DEFAULT_AGE_BINS, NUM_CLASSES, class_names
 from maskcls.tracking import add_tracking_flags, class_metrics, step_tracker
 
 ID_COL, LABEL_COL = "ImageID", "ans"
@@ -184,8 +184,6 @@ def read_probs(path: Path, ids: Sequence[str]) -> np.ndarray:
 def error_gallery(images: str, pred: Path, probs_file: str | None, out: str | None, ids: Sequence[str],
                   y_true: np.ndarray, y_pred: np.ndarray, age_bins: Sequence[int]) -> Path:
     """errors.png: per true class, the most confident mistakes (gallery.py); returns where it went."""
-    from maskcls.gallery import error_rows, save_error_gallery
-
     escaping = [(i, reason) for i in ids if (reason := path_escape(i))]
     if escaping:  # ImageIDs come from the prediction and gt files: they must not reach outside --images
         raise EvaluationError(f"ImageID {escaping[0][0]!r} is {escaping[0][1]}, outside the images folder "
@@ -196,7 +194,7 @@ def error_gallery(images: str, pred: Path, probs_file: str | None, out: str | No
     root = root / "images" if (root / "images").is_dir() else root
     probs = read_probs(Path(probs_file) if probs_file else pred.with_name(f"{pred.stem}_probs.csv"), ids)
     paths = [str(root / i) for i in ids]
-    shown = [c.path for r in error_rows(paths, y_true, y_pred, probs, metrics.class_names("all", age_bins)) for c in r.cells]
+    shown = [c.path for r in error_rows(paths, y_true, y_pred, probs, class_names("all", age_bins)) for c in r.cells]
     missing = [p for p in shown if not os.path.isfile(p)]
     if missing:
         raise EvaluationError(f"{len(missing)} image(s) of the gallery not found, first {missing[0]}", images)
@@ -229,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --images: the probabilities CSV, ImageID,p0..p17 (default <pred>_probs.csv beside --pred)")
     parser.add_argument("--gallery", default=None, metavar="FILE",
                         help="with --images: where the error gallery goes (default errors.png beside the predictions)")
-    parser.add_argument("--age_bins", nargs=2, type=int, default=list(metrics.DEFAULT_AGE_BINS),
+    parser.add_argument("--age_bins", nargs=2, type=int, default=list(DEFAULT_AGE_BINS),
                         metavar=("LOW", "HIGH"),
                         help="age cut points the labels were made with; only names the classes (default: 30 60)")
     add_tracking_flags(parser)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import os
@@ -35,17 +34,17 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
 
-from maskcls import cli
-import dataset as data
+from maskcls import cli, imaging
 from maskcls.checkpoint import build_model, check_state_name, decision_age_cuts, state_file, validation_samples
-from maskcls.predictor import Member, ensemble_offsets, load_members
 from maskcls.fileio import atomic_write, atomic_write_bytes
+from maskcls.predictor import Member, ensemble_offsets, load_members, vote
 from maskcls.task import PROB_FLOOR, Task, apply_offsets, task_of
-from maskcls import imaging
+# Imported where used, being heavy or optional: onnx, onnxscript and onnxruntime (only --format onnx).
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}  # format -> file suffix
 INPUT_NAME, OUTPUT_NAME = "images", "probs"
@@ -190,8 +189,6 @@ def sample_paths(run_dir: Path, ckpt: dict, n: int) -> list[str]:
 
 def write_synthetic_images(folder: Path, n: int, seed: int = 0) -> list[str]:
     """n smooth random PNGs the size of a competition photo (so a checkpoint's crop applies as usual)."""
-    import cv2
-
     rng = np.random.default_rng(seed)
     height, width = imaging.REFERENCE_FRAME
     paths = []
@@ -210,8 +207,6 @@ def parity(run: Callable[[np.ndarray], np.ndarray], members: Sequence[Member], o
     """(max |p_export - p_torch|, images whose classes agree) on the same uint8 images: the exported
     file gets the toolkit pipeline's decoded, cropped, resized pixels; PyTorch is inference.py's
     path (its vote, then the offsets)."""
-    from maskcls.predictor import vote
-
     store, _ = imaging.face_store(list(paths), dict(members[0].ckpt["preprocess"]))
     images = np.stack([store[i] for i in range(len(store))])
     # one image alone, then the rest as one batch: both batch sizes must work

@@ -18,16 +18,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from maskcls import cli
 import dataset as data
-from maskcls import faces
-from maskcls.checkpoint import (check_state_name)
+from maskcls import cli, faces, imaging, loaders
+from maskcls.checkpoint import check_state_name
 from maskcls.fileio import atomic_write_text
-from maskcls.predictor import (VOTES, InferenceError, check_submission_task, load_members, mask_genderage_pair,
-                               vote)
+from maskcls.predictor import VOTES, InferenceError, check_submission_task, load_members, mask_genderage_pair, vote
+from maskcls.runtime import resolve_device
 from maskcls.tracking import add_tracking_flags, class_metrics, step_tracker
-from maskcls import imaging
-from maskcls import loaders
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,8 +85,6 @@ def class_count_summary(pred: np.ndarray, num_classes: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maskcls.runtime import resolve_device
-
     args = build_parser().parse_args(argv)
     check_state_name(args.state)  # before any image is read
     try:
@@ -118,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     models = [args.mask_model_dir, args.genderage_model_dir] if args.isEnsemble else args.model_dir
 
     def training_run(client) -> str:  # --run_id checkpoint
-        from maskcls.checkpoint import training_run
         return training_run(models, client)
 
     tracker = step_tracker(args, "inference", {"data_dir": args.data_dir, "model_dir": models, "state": args.state,

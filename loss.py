@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskcls.task import AGE_THRESHOLDS, DEFAULT_AGE_BINS, HEAD_SIZES, Task, get_task  # multi-head [mask 3 | gender 2 | age 3 or years]
+from maskcls.task import AGE_THRESHOLDS, DEFAULT_AGE_BINS, HEAD_SIZES, Task, get_task
 
 INCEPTION_AUX_WEIGHT = 0.4
 

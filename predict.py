@@ -24,12 +24,12 @@ from typing import Sequence
 
 import numpy as np
 
-from maskcls import cli
 import dataset as data
-from maskcls import faces
+from maskcls import cli, faces, imaging
 from maskcls.checkpoint import check_state_name, expand_runs
+from maskcls.predictor import VOTES, load_for_task, load_members, mask_genderage_pair, vote
+from maskcls.runtime import resolve_device
 from maskcls.task import NUM_CLASSES, apply_offsets, decode18, task_of
-from maskcls import imaging
 
 SUBTASKS = ("mask", "gender", "age")  # decode18's order
 
@@ -39,8 +39,6 @@ class PredictError(cli.ToolkitError, ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maskcls.predictor import VOTES
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", help="image files and folders")
     p.add_argument("--model_dir", nargs="+", default=[],
@@ -160,8 +158,6 @@ def format_text(rows: Sequence[dict]) -> str:
 def predict(args: argparse.Namespace, models: list[str], paths: list[str], run: dict
             ) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
     """(shown probabilities [N, 18], classes, class names, whether offsets were applied)."""
-    from maskcls.predictor import load_for_task, load_members, mask_genderage_pair, vote
-
     if args.mask_model_dir:
         _, _, probs = mask_genderage_pair(args.mask_model_dir, args.genderage_model_dir, args.state, paths, **run)
         mask, ga = (readable_names(load_for_task(d, args.state)[0]["classes"])
@@ -177,8 +173,6 @@ def predict(args: argparse.Namespace, models: list[str], paths: list[str], run: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maskcls.runtime import resolve_device
-
     args = build_parser().parse_args(argv)
     check_state_name(args.state)
     models, inputs = split_models(args.model_dir, args.images)

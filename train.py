@@ -12,8 +12,6 @@ runs the epoch loop (`train_one_epoch`, `validate`, checkpoints, tracking). Outp
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
@@ -37,8 +35,8 @@ import model as zoo
 from demo_data import ensure_demo_data
 from loss import class_weights_from_labels, compute_loss, mixed_loss
 from maskcls import augment, cli, faces, imaging, loaders, runtime
-from maskcls.checkpoint import (VALIDATION_SAMPLES, build_metadata, check_resumable, cross_validation_config,
-                                load_resumable, present_checkpoints)
+from maskcls.checkpoint import (build_metadata, check_resumable, cross_validation_config, load_resumable,
+                                present_checkpoints)
 from maskcls.cli import UsageError, optional_bool, str2bool
 from maskcls.config import Settings, load_config, resolve_settings
 from maskcls.crossval import cv_report, summarise_folds
@@ -46,10 +44,11 @@ from maskcls.distributed import (broadcast, is_main, log, progress, rng_state, s
                                  setup_distributed)
 from maskcls.ema import ModelEma
 from maskcls.fileio import atomic_write_text, free_run_dir, unique_dir
-from maskcls.gallery import save_error_gallery
-from maskcls.metrics import evaluate_predictions, per_class_table, save_confusion_matrix_png, write_per_class_csv
+from maskcls.metrics import evaluate_predictions
 from maskcls.mixing import mix_batch
+from maskcls.optim import Optimisation
 from maskcls.overrides import read_label_overrides
+from maskcls.reports import Validation, interrupted_message, log_epoch, report_validation, write_validation_outputs
 from maskcls.runtime import amp_dtype
 from maskcls.samplers import EpochSampler
 from maskcls.saver import CheckpointSaver, new_best
@@ -58,20 +57,12 @@ from maskcls.task import AGE_HEADS, AGE_THRESHOLDS, DEFAULT_AGE_BINS, TASK_CLASS
 from maskcls.tracking import (DEFAULT_EXPERIMENT, Tracker, TrackingError, check_model_name, require_tracking,
                               resolve_experiment, resolve_tracking_uri, resolve_user)
 from model import trainable_parameters
+# Imported where used, being heavy: maskcls.pyfunc (mlflow's model flavour; only a tracked run logs a model).
 
 DEMO_DIR = Path("data/demo")
 
 
 # --------------------------------------------------------------------------- arguments
-def fold_value(value: str | int) -> int | str:
-    if isinstance(value, int) or value == "all":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"expected a fold number or all, got {value!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env = os.environ.get
@@ -108,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "but score with 30 60 as the competition does; splits are stratified with these")
     g.add_argument("--val_ratio", type=float, default=0.2, help="share of people (or images) held out (default 0.2)")
     g.add_argument("--kfold", type=int, default=0, help="K for person-level K-fold (0 = off); use with --fold")
-    g.add_argument("--fold", type=fold_value, default=0,
+    g.add_argument("--fold", type=cli.fold_value, default=0,
                    help="which fold (0..K-1) is validation, or all: train every fold in turn into <name>/fold<i> and "
                         "report the mean and spread (cv.json)")
     g.add_argument("--mode", choices=["split", "all"], default="split", help="split: train/val; all: train on every image, no validation")
@@ -289,6 +280,7 @@ def validate_args(args: argparse.Namespace) -> None:
         read_label_overrides(args.label_overrides)  # the file's own faults, before any work
 
 
+# --------------------------------------------------------------------------- data
 @dataclass
 class Data:
     samples: list
@@ -358,40 +350,7 @@ def build_data(args: argparse.Namespace, s: Settings, rank: int, world: int, pin
                 data.recorded_split(samples, train_idx, val_idx))
 
 
-@dataclass
-class Optimisation:
-    """Everything that changes the weights, stepped by `train_one_epoch`."""
-
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    ema: ModelEma | None
-    params: list
-    accum_steps: int = 1
-    clip_grad: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    per_step_scheduler: bool = True
-
-    def resume_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None}
-
-    def restore(self, ckpt: dict, steps_done: int) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt.get("scheduler"):
-            if self.per_step_scheduler:  # a function of the step: keep this run's length (--epochs may change)
-                self.scheduler.last_epoch = steps_done
-            else:
-                self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt.get("ema"):
-            self.ema.load_state_dict(ckpt["ema"])
-
-
+# --------------------------------------------------------------------------- optimisation
 def build_optimisation(args: argparse.Namespace, model: nn.Module, task: Task, train_targets: np.ndarray,
                        steps_per_epoch: int, device: torch.device, amp: bool) -> Optimisation:
     weights = None
@@ -463,19 +422,6 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimisation, transform, task
             "train_images": seen, "train_images_per_s": seen / elapsed}
 
 
-@dataclass
-class Validation:
-    """Validation outputs in dataset order: logits [N, outputs], probabilities [N, classes]."""
-
-    logits: np.ndarray
-    probs: np.ndarray
-    loss: float
-    pred: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.pred = self.probs.argmax(1)
-
-
 @torch.inference_mode()
 def validate(model: nn.Module, loader, criterion: nn.Module, transform, task: Task, age_bins: Sequence[int],
              device: torch.device, order: Sequence[int] | None = None, amp: bool = False, world: int = 1) -> Validation:
@@ -501,46 +447,6 @@ def validate(model: nn.Module, loader, criterion: nn.Module, transform, task: Ta
     all_logits = np.concatenate([g[1] for g in gathered])[np.argsort(rows)]
     probs = task.probs(torch.from_numpy(all_logits), age_bins).numpy()
     return Validation(all_logits, probs, sum(g[2] for g in gathered) / max(1, len(rows)))
-
-
-# --------------------------------------------------------------------------- outputs of a validation
-def report_validation(val: Validation, truth: np.ndarray, task: Task, age_bins, epoch: int,
-                      saver: CheckpointSaver) -> dict:
-    """Per-class table and scores, given to the `saver` (its best scores); returns the val_* metrics."""
-    scores = evaluate_predictions(truth, val.pred, task.report_task)
-    metrics = {"val_loss": val.loss, "val_acc": scores["accuracy"], "val_f1": scores["f1"]}
-    metrics.update({f"val_{k}": v for k, v in scores.items() if k.startswith("f1_")})
-    saver.score(epoch, scores["accuracy"], scores["f1"])
-    best = saver.best
-    log(per_class_table(truth, val.pred, task.report_task, age_bins))
-    extra = " ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("f1_"))
-    log(f"[val] epoch {epoch + 1}: acc {scores['accuracy']:.2%} loss {val.loss:.4f} "
-        f"macro F1 {scores['f1']:.4f} {extra} || best acc {best['acc']:.2%} best F1 {best['f1']:.4f}")
-    return metrics
-
-
-def write_validation_outputs(run_dir: Path, val: Validation, truth: np.ndarray, val_set, task: Task, age_bins,
-                             tracker, writer=None, epoch: int = 0, face_crops: bool = False) -> None:
-    """For the best-F1 epoch: confusion matrix, per-class CSV, the error gallery (errors.png, also to
-    TensorBoard via `writer`; with `face_crops` it shows the crops the model saw) and the out-of-fold
-    material that calibrate.py (decision rule) and audit.py (label audit) read."""
-    save_confusion_matrix_png(run_dir / "confusion_matrix.png", truth, val.pred, task.report_task, age_bins)
-    write_per_class_csv(run_dir / "per_class.csv", truth, val.pred, task.report_task, age_bins)
-    np.save(run_dir / "val_probs.npy", val.probs)
-    np.save(run_dir / "val_labels.npy", truth)
-    np.save(run_dir / "val_logits.npy", val.logits)
-    rows = [val_set.samples[i] for i in val_set.indices]
-    table = io.StringIO()
-    csv.writer(table, lineterminator="\n").writerows([("path", "person", "kind", "age"),
-                                                      *((r.path, r.person, r.kind, r.age) for r in rows)])
-    atomic_write_text(run_dir / VALIDATION_SAMPLES, table.getvalue())
-    pixels = save_error_gallery(run_dir / "errors.png", [r.path for r in rows], truth, val.pred, val.probs,
-                                task.report_task, age_bins, title=f"{run_dir.name} epoch {epoch + 1}",
-                                people=[r.person for r in rows], image_of=val_set.model_input if face_crops else None)
-    if writer is not None:
-        writer.add_image("errors", pixels, epoch, dataformats="HWC")
-    for name in ("confusion_matrix.png", "per_class.csv", "errors.png"):
-        tracker.log_artifact(run_dir / name)
 
 
 # --------------------------------------------------------------------------- model
@@ -689,7 +595,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 if writer is not None:
                     writer.close()
             if is_main() and parent is None and tracker.active:  # a fold's model is in its parent's soft vote
-                from maskcls.pyfunc import log_model  # heavy (mlflow): only a tracked run pays for it
+                from maskcls.pyfunc import log_model
                 log_model(tracker, run_dir, args.register_model)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the tracker ended the run as KILLED
         # Only the exit code leaves, not the traceback and the frames it holds; `finally` stops the
@@ -714,27 +620,6 @@ def finish_cache(store, world: int) -> None:
     if is_main():
         store.fill(range(len(store)))
         store.finalize()
-
-
-def log_epoch(writer, tracker, metrics: dict, epoch: int) -> None:
-    """Every metric of the epoch, by name, to TensorBoard and MLflow."""
-    for key, value in metrics.items():
-        writer.add_scalar(key, value, epoch)
-    writer.flush()
-    tracker.log_metrics(metrics, step=epoch)
-
-
-def interrupted_message(run_dir: Path, epoch: int, saved_epoch: int) -> str:
-    # last.pth is rewritten after every epoch; a half-done epoch is not saved over it, because
-    # resuming from mid-epoch weights would skip the rest of that epoch's batches.
-    last = run_dir / "last.pth"
-    if saved_epoch >= 0 and last.exists():
-        return (f"\ninterrupted in epoch {epoch + 1}: {last} holds epoch {saved_epoch + 1}; "
-                f"continue with --resume {shlex.quote(str(last))}")
-    best = run_dir / "best_f1.pth"
-    kept = f" ({best} holds the best epoch so far, for inference)" if best.exists() else ""
-    return (f"\ninterrupted in epoch {epoch + 1}, before the first last.pth was saved (at the end of an "
-            f"epoch): nothing to resume{kept}")
 
 
 # --------------------------------------------------------------------------- K-fold in one command
@@ -781,7 +666,7 @@ def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: 
         parent.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, step=0)
         parent.log_artifact(parent_dir / "cv.json")
         if parent.active:  # one model: the soft vote of every fold's best_f1.pth
-            from maskcls.pyfunc import log_model  # heavy (mlflow): only a tracked run pays for it
+            from maskcls.pyfunc import log_model
             log_model(parent, parent_dir, args.register_model)
         log(cv_report(summary, args.kfold) + f"\n  folds in {parent_dir}; predict with all of them: "
             f"python inference.py --model_dir {shlex.quote(str(parent_dir))} --data_dir <eval folder>")

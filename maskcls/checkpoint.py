@@ -21,6 +21,7 @@ checkpoints (val_probs.npy, val_labels.npy, val_logits.npy); every error names t
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import os
@@ -36,6 +37,7 @@ from torch import nn
 from maskcls.cli import ToolkitError
 from maskcls.fileio import atomic_write_bytes, within
 from maskcls.task import Task, task_of
+from model import create_model
 
 FORMAT = "mask-toolkit/1"
 STATE_FILES = ("best.pth", "best_f1.pth", "last.pth")
@@ -192,8 +194,6 @@ def state_file(state: str) -> str:
 
 def check_state_name(state: str) -> str:
     """Validate a --state value before any work; returns the file name."""
-    import difflib
-
     name = state_file(state)
     if name not in STATE_FILES:
         near = difflib.get_close_matches(name, STATE_FILES, n=1)
@@ -321,8 +321,6 @@ def decision_age_cuts(ckpt: dict) -> list[int]:
 
 def build_model(ckpt: dict) -> nn.Module:
     """Rebuild the network a checkpoint describes (random init, then its weights)."""
-    from model import create_model
-
     spec = ckpt["model"]
     heads = tuple(spec["heads"]) if spec.get("heads") else spec.get("multihead", False)
     model = create_model(spec["name"], spec["num_classes"], pretrained=False, multihead=heads, **spec.get("options", {}))

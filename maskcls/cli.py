@@ -317,3 +317,13 @@ def ranged(low: float, high: float, *, low_open: bool = False, high_open: bool =
 
 class DataError(ToolkitError, ValueError):
     """Bad input data; the message is one line and names the offending path."""
+
+
+def fold_value(value: str | int) -> int | str:
+    """argparse type of --fold: a fold number, or `all`."""
+    if isinstance(value, int) or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"expected a fold number or all, got {value!r}") from None

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The run's configuration: flag values from a config file (a run's config.json, or YAML), checked as the
+command line would check them, and `Settings`, what a run derives from its flags (model size, task, precision,
+workers), recorded as config.json's `resolved` part."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +20,7 @@ from maskcls.hub import PretrainedUnavailable
 from maskcls.runtime import default_amp, default_reuse_memory, slow_amp_warning
 from maskcls.task import Task, get_task
 from model import check_pretrained, model_info, regularization_options, size_options
+# Imported where used, being heavy or optional: yaml (only a YAML --config).
 
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Cross-validation summaries (cv.json): each fold's best-F1 scores, their mean and spread, and the macro F1
+of every out-of-fold prediction pooled."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,14 +7,13 @@ from typing import Sequence
 
 import numpy as np
 
+from maskcls.checkpoint import load_checkpoint
 from maskcls.task import Task
 
 
 def summarise_folds(runs: Sequence[Path], task: Task, evaluate) -> dict:
     """Mean and sample standard deviation over folds of each best-F1 epoch's scores, and the macro F1
     of all out-of-fold predictions pooled (every person scored once, by the fold that never saw them)."""
-    from maskcls.checkpoint import load_checkpoint
-
     per_fold, probs, labels = [], [], []
     for run in runs:
         ckpt = load_checkpoint(run / "best_f1.pth")

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Processes under torchrun: set-up, rank 0's value on every rank, logging from rank 0 only, and the random
+state a run saves and --resume restores."""
 from __future__ import annotations
 
 import datetime
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-
+# Imported where used, being heavy or optional: tqdm (only on a terminal).
 
 
 # --------------------------------------------------------------------------- process helpers

@@ -3,6 +3,7 @@ reader of dlib's .dat weights file, as shipped by the PyPI package face_recognit
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from typing import NoReturn
 
@@ -203,8 +204,6 @@ def load_dlib_face_weights(net: DlibFaceResNet, path: str | None = None) -> None
 def dlib_weights_file(name: str) -> str:
     """The weights file of the installed face_recognition_models package, found without importing it (its
     __init__ needs pkg_resources, which recent setuptools no longer has)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("face_recognition_models")
     folders = list(spec.submodule_search_locations or []) if spec else []
     paths = [os.path.join(folder, "models", DLIB_FACE_MODEL) for folder in folders]

@@ -1,11 +1,10 @@
-"""TODO docstring."""
+"""An exponential moving average of a model's weights (--ema), validated and saved in their place."""
 from __future__ import annotations
 
 import copy
 
 import torch
 from torch import nn
-
 
 
 # --------------------------------------------------------------------------- optimisation

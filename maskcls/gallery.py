@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from maskcls.fileio import atomic_write
+from maskcls.imaging import jpeg_reduction, load_image
 from maskcls.task import class_names
+# Imported where used, being heavy or optional: matplotlib's fonts (only to draw text).
 
 THUMB = (96, 72)  # (H, W) of a photo in a sheet: faces stay recognisable, 100 photos stay cheap
 CELL_W = 150  # pixels per cell: room for a caption of about 28 characters at the caption font size
@@ -48,10 +52,6 @@ class SheetRow:
 
 def thumbnail(path: str | os.PathLike | None, size: tuple[int, int] = THUMB) -> np.ndarray | None:
     """RGB uint8 [H, W, 3] letterboxed into `size`, or None when the file cannot be read."""
-    import cv2
-
-    from maskcls.imaging import jpeg_reduction, load_image
-
     if path is None or not os.path.isfile(path):
         return None
     try:
@@ -63,8 +63,6 @@ def thumbnail(path: str | os.PathLike | None, size: tuple[int, int] = THUMB) -> 
 
 def letterbox(img: np.ndarray, size: tuple[int, int] = THUMB) -> np.ndarray:
     """RGB uint8 `img` shrunk to fit `size` (H, W), centred on white."""
-    import cv2
-
     h, w = img.shape[:2]
     scale = min(size[0] / h, size[1] / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -77,8 +75,6 @@ def letterbox(img: np.ndarray, size: tuple[int, int] = THUMB) -> np.ndarray:
 
 def _font(size: int, bold: bool = False):
     """DejaVu Sans, the font matplotlib ships (so metrics.py's plots and these sheets match), else PIL's own."""
-    from PIL import ImageFont
-
     try:
         from matplotlib import font_manager
 
@@ -90,8 +86,6 @@ def _font(size: int, bold: bool = False):
 
 def render(rows: Sequence[SheetRow], title: str = "", thumb: tuple[int, int] = THUMB) -> np.ndarray:
     """The sheet's pixels [H, W, 3] uint8: per row a bold title line, then the photos with their captions."""
-    from PIL import Image, ImageDraw
-
     columns = max([len(r.cells) for r in rows] + [1])
     width = max(columns * CELL_W, 480)
     header = TITLE_H + 8 if title else 0
@@ -139,8 +133,6 @@ def _frame(canvas: np.ndarray, y: int, x: int, thumb: tuple[int, int], width: in
 def save_sheet(path: str | os.PathLike, rows: Sequence[SheetRow], title: str = "",
                thumb: tuple[int, int] = THUMB) -> np.ndarray:
     """Draw the sheet and write it as a PNG atomically; returns its pixels [H, W, 3] (for TensorBoard)."""
-    from PIL import Image
-
     pixels = render(rows, title, thumb)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))

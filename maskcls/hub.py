@@ -8,7 +8,7 @@ import threading
 from urllib.parse import urlparse
 
 import torch
-
+# Imported where used, being heavy or optional: huggingface_hub and timm (only for timm: models).
 
 PROBE_TIMEOUT_S = 3.0
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from maskcls import faces
 from maskcls.cli import DataError
 from maskcls.fileio import atomic_write_text
-
+# Imported where used, being heavy or optional: torchvision's JPEG decoder (optional: OpenCV decodes without it).
 
 # In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; anything else
 # after a run of 0xFF (fill bytes) is the next marker.

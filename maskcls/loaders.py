@@ -9,7 +9,7 @@ from typing import Callable
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 
 def default_num_workers(cpu_training: bool = False) -> int:
@@ -27,8 +27,6 @@ def collate(batch: list):
     """`default_collate`, with a fast path for the datasets' (uint8 CHW view of an HWC image, ...)
     samples: OpenCV de-interleaves each image straight into the batch, where torch.stack would
     copy the strided views element by element (~10x slower; it dominated a warm epoch)."""
-    from torch.utils.data import default_collate
-
     first = batch[0] if batch else None
     if not (isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor)):
         return default_collate(batch)

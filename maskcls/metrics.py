@@ -26,11 +26,11 @@ from sklearn.metrics import f1_score
 
 from maskcls.fileio import atomic_write
 
-# The label scheme lives in task.py (numpy only, so metrics stays free of torch); re-exported here.
-from maskcls.task import (DEFAULT_AGE_BINS, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, TASK_CLASSES,  # noqa: E402,F401
-                  PART_SIZES, age_names, class_names, decode18, get_task, join_labels, split_labels)
-from maskcls.task import num_classes as _num_classes  # noqa: E402
-from maskcls.task import plain_names as _plain_names  # noqa: E402
+# The label scheme lives in task.py (numpy only, so metrics stays free of torch).
+from maskcls.task import DEFAULT_AGE_BINS, PART_SIZES, TASK_CLASSES, class_names, get_task, join_labels, split_labels
+from maskcls.task import num_classes as _num_classes
+from maskcls.task import plain_names as _plain_names
+# Imported where used, being heavy or optional: matplotlib (only to draw the confusion matrix).
 
 
 def _to_numpy(y: Any) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Mixup and CutMix of a device batch (--mixup, --cutmix)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,6 @@ import random
 
 import numpy as np
 import torch
-
 
 
 def mix_batch(images: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float

@@ -2,11 +2,12 @@
 read-only (train.py --label_overrides)."""
 from __future__ import annotations
 
+import csv
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
-
 
 from maskcls.cli import DataError
 from maskcls.task import GENDER_NAMES, GENDERS, MASK_KINDS, MAX_AGE
@@ -63,8 +64,6 @@ class LabelOverrides:
     def apply(self, samples: Sequence[S], root: Path) -> list[S]:
         """`samples` with every override applied; DataError for a row naming a person or image that is not
         in the data, or whose `label` is not the data's current value (an audit of other data)."""
-        import dataclasses
-
         out: list = list(samples)
         by_person: dict[str, list[int]] = {}
         for i, s in enumerate(samples):
@@ -114,8 +113,6 @@ def read_label_overrides(path: str | os.PathLike) -> LabelOverrides:
     `suggested` is the new value (gender male/female; age in years; mask_swap the kind the image really
     shows, its partner taking the image's kind; outlier `drop`). Errors are one line naming the file and
     line; a repeated row counts once, conflicting ones are an error."""
-    import csv
-
     file = Path(path)
     if not file.is_file():
         raise DataError(f"label overrides file not found: {file}" if not file.exists()

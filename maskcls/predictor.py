@@ -11,17 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskcls import cli
 import dataset as data
-from maskcls import faces
-from maskcls.checkpoint import (build_model, decision_age_cuts, expand_runs,
-                        load_checkpoint, resolve_state_path)
+from maskcls import augment, cli, faces, imaging, loaders
+from maskcls.checkpoint import build_model, decision_age_cuts, expand_runs, load_checkpoint, resolve_state_path
 from maskcls.runtime import amp_dtype
 from maskcls.task import NUM_CLASSES, decide, task_of
-from maskcls import imaging
-from maskcls import augment
-from maskcls import loaders
-
+# Imported where used, being heavy or optional: tqdm (only on a terminal).
 
 VOTES = ("mean", "geometric")  # how a soft vote combines its members' probabilities (combine_probs)
 

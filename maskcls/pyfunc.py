@@ -35,7 +35,6 @@ from maskcls.predictor import load_members, prepare_model, vote
 from maskcls.runtime import resolve_device
 from maskcls.tracking import DEFAULT_EXPERIMENT, Tracker, resolve_experiment, resolve_tracking_uri, resolve_user
 
-
 PACKAGE = "maskcls"  # the library, shipped whole as one of the model's code paths
 
 

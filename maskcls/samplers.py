@@ -1,10 +1,9 @@
-"""TODO docstring."""
+"""The training order: shuffled or class-weighted, sharded over processes, seeded by (seed, epoch)."""
 from __future__ import annotations
 
 import math
 
 import torch
-
 
 
 # --------------------------------------------------------------------------- data

@@ -15,12 +15,14 @@ One Tracker = one MLflow run. Design choices:
 from __future__ import annotations
 
 import contextlib
+import getpass
 import io
 import json
 import logging
 import math
 import os
 import re
+import shlex
 import sys
 import threading
 import time
@@ -28,6 +30,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TextIO, TypeVar
+
+from maskcls.cli import ToolkitError, UsageError
+# Imported where used, being heavy or optional: mlflow (a second or more to import; nothing when tracking is off).
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "mask-classification"  # every script's default experiment
@@ -56,8 +61,6 @@ class TrackingError(RuntimeError):
 
 def check_model_name(name: str, flag: str = "--register_model") -> str:
     """A Model Registry name as MLflow accepts it (checked before any work)."""
-    from maskcls.cli import UsageError
-
     if not name.strip() or any(c in name for c in "/:") or name.strip() in (".", ".."):
         raise UsageError(f"{flag} must be a model name without '/' or ':', e.g. mask-classifier; got {name!r}")
     return name
@@ -104,7 +107,6 @@ def resolve_user(cli_user: str | None) -> str | None:
         return cli_user
     if os.environ.get("USER"):
         return os.environ["USER"]
-    import getpass
 
     try:
         return getpass.getuser()
@@ -119,8 +121,6 @@ def tracking_disabled(uri: str | None) -> bool:
 def require_tracking(cli_uri: str | None, need: str) -> str:
     """The URI of a step that logs to MLflow or nothing (`need` says which, e.g. "--register_model needs
     MLflow tracking"); UsageError when tracking is off, naming what turned it off: the flag or the variable."""
-    from maskcls.cli import UsageError
-
     uri = resolve_tracking_uri(cli_uri)
     if tracking_disabled(uri):
         fix = (f"drop --tracking_uri {uri}" if cli_uri and cli_uri.strip()
@@ -157,7 +157,6 @@ def _same_param(logged: str, new: str) -> bool:
     """`mlflow run` logs shell-quoted values ('64 48', ''); compare them unquoted."""
     if logged == new:
         return True
-    import shlex
 
     try:
         return " ".join(shlex.split(logged)) == " ".join(shlex.split(new))
@@ -453,7 +452,6 @@ class Tracker:
                 self._lose(exc)
                 return None
             self._lost = True  # finish() then makes one quiet attempt, no second message
-            from maskcls.cli import ToolkitError
 
             if isinstance(exc, ToolkitError):
                 raise
@@ -546,8 +544,6 @@ def step_tracker(args, script: str, params: dict, checkpoint_run: Callable[[Any]
     --run_id checkpoint, raising a ToolkitError when no run is recorded). Params are prefixed with
     `script` so they never collide with a training run's. Bad flags, an unknown run or an
     unreachable server: cli.UsageError (one line, exit 2) before any work."""
-    from maskcls.cli import ToolkitError, UsageError
-
     if args.tracking_uri is None or tracking_disabled(args.tracking_uri):
         given = [f"--{k}" for k in ("run_id", "run_name", "experiment") if getattr(args, k)]
         if given and args.tracking_uri is None:

@@ -12,8 +12,8 @@ import pytest
 from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maskcls import fileio  # noqa: E402
-from maskcls import metrics  # noqa: E402
+from maskcls import fileio, metrics
+from maskcls.task import TASK_CLASSES, class_names, decode18
 
 
 def random_pair(n: int, classes: int, seed: int = 0, hit: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
@@ -24,15 +24,15 @@ def random_pair(n: int, classes: int, seed: int = 0, hit: float = 0.6) -> tuple[
 
 
 def test_class_names_and_decode():
-    assert metrics.class_names("all")[0] == "0 wear/male/<30"
-    assert metrics.class_names("all")[17] == "17 not wear/female/>=60"
-    assert metrics.class_names("all", age_bins=(30, 58))[4] == "4 wear/female/30-57"
-    assert metrics.class_names("mask") == ["0 wear", "1 incorrect", "2 not wear"]
-    assert metrics.class_names("genderage")[5] == "5 female/>=60"
-    assert [len(metrics.class_names(t)) for t in metrics.TASK_CLASSES] == [18, 3, 6, 18]
+    assert class_names("all")[0] == "0 wear/male/<30"
+    assert class_names("all")[17] == "17 not wear/female/>=60"
+    assert class_names("all", age_bins=(30, 58))[4] == "4 wear/female/30-57"
+    assert class_names("mask") == ["0 wear", "1 incorrect", "2 not wear"]
+    assert class_names("genderage")[5] == "5 female/>=60"
+    assert [len(class_names(t)) for t in TASK_CLASSES] == [18, 3, 6, 18]
     with pytest.raises(ValueError, match="known tasks: all, mask, genderage, multi"):
-        metrics.class_names("nope")
-    m, g, a = metrics.decode18(np.arange(18))
+        class_names("nope")
+    m, g, a = decode18(np.arange(18))
     assert np.array_equal(m * 6 + g * 3 + a, np.arange(18))
     assert (m[13], g[13], a[13]) == (2, 0, 1)
 
@@ -43,7 +43,7 @@ def test_evaluate_predictions_all_equals_sklearn(seed):
     s = metrics.evaluate_predictions(t, p, "all")
     assert s["accuracy"] == pytest.approx(np.mean(t == p))
     assert s["f1"] == pytest.approx(f1_score(t, p, average="macro"))
-    (tm, tg, ta), (pm, pg, pa) = metrics.decode18(t), metrics.decode18(p)
+    (tm, tg, ta), (pm, pg, pa) = decode18(t), decode18(p)
     assert s["f1_mask"] == pytest.approx(f1_score(tm, pm, average="macro"))
     assert s["f1_gender"] == pytest.approx(f1_score(tg, pg, average="macro"))
     assert s["f1_age"] == pytest.approx(f1_score(ta, pa, average="macro"))
@@ -57,7 +57,7 @@ def test_multi_and_subtasks():
     t, p = random_pair(200, 18, 5)
     assert metrics.evaluate_predictions(t, p, "multi") == metrics.evaluate_predictions(t, p, "all")
     # multi also accepts (mask, gender, age) triples
-    tri = np.stack(metrics.decode18(t), axis=1)
+    tri = np.stack(decode18(t), axis=1)
     assert metrics.evaluate_predictions(tri, p, "multi") == metrics.evaluate_predictions(t, p, "all")
 
     t6, p6 = random_pair(200, 6, 6)
