@@ -47,31 +47,12 @@ import torch
 
 import dataset as data
 from maskcls import cli, overrides
-from maskcls.checkpoint import (
-    VALIDATION_SAMPLES,
-    CheckpointError,
-    expand_runs,
-    load_array,
-    load_checkpoint,
-    resolve_state_path,
-    run_folder,
-    validation_samples,
-)
+from maskcls.checkpoint import (VALIDATION_SAMPLES, CheckpointError, expand_runs, load_array, load_checkpoint,
+                                resolve_state_path, run_folder, validation_samples)
 from maskcls.fileio import atomic_write_text, check_apart, replace_folder
 from maskcls.gallery import Cell, SheetRow, save_sheet
-from maskcls.task import (
-    AGE_THRESHOLDS,
-    DEFAULT_AGE_BINS,
-    GENDER_NAMES,
-    MASK_KINDS,
-    MASK_NAMES,
-    age_label,
-    age_names,
-    join_labels,
-    split_labels,
-    split_probs,
-    task_of,
-)
+from maskcls.task import (AGE_THRESHOLDS, DEFAULT_AGE_BINS, GENDER_NAMES, MASK_KINDS, MASK_NAMES, age_label, age_names,
+                          join_labels, split_labels, split_probs, task_of)
 # Imported where used, being heavy or optional: cleanlab (only --method cleanlab).
 
 COLUMNS = overrides.OVERRIDE_COLUMNS

@@ -37,23 +37,13 @@ import torch
 
 from maskcls import cli
 from maskcls.checkpoint import (CheckpointError, expand_runs, load_array, load_checkpoint, resolve_state_path,
-                                run_folder, set_decision)
+                                run_folder, set_decision, training_run)
 from maskcls.fileio import atomic_write_text
-from maskcls.metrics import macro_f1
+from maskcls.metrics import fast_macro_f1, macro_f1
 from maskcls.task import AGE_THRESHOLDS, Task, decide, log_probs, task_of
 from maskcls.tracking import add_tracking_flags, class_metrics, step_tracker
 
 GRID = np.linspace(-3.0, 3.0, 61)
-
-
-def fast_macro_f1(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
-    """sklearn's macro F1 (classes present in labels or predictions), via one bincount:
-    the search below scores thousands of candidate offsets."""
-    counts = np.bincount(labels * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
-    tp = np.diag(counts).astype(np.float64)
-    support, predicted = counts.sum(1), counts.sum(0)
-    present = (support + predicted) > 0
-    return float(np.mean(2 * tp[present] / (support + predicted)[present]))
 
 
 def fit_offsets(probs: np.ndarray, labels: np.ndarray, rounds: int = 3, grid: np.ndarray = GRID) -> np.ndarray:
@@ -211,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     if len({o.probs.shape[1] for o in oofs}) != 1:
         raise CheckpointError("runs have different numbers of classes: " + ", ".join(str(r) for r in runs))
 
-    def training_run(client) -> str:  # --run_id checkpoint
+    def checkpoint_run(client) -> str:  # --run_id checkpoint
         return training_run(runs, client)
 
     tracker = step_tracker(args, "calibrate", {"runs": [str(r) for r in runs], "state": args.state, "method": args.method,
-                                               "age_cuts": args.age_cuts, "write": args.write}, training_run)
+                                               "age_cuts": args.age_cuts, "write": args.write}, checkpoint_run)
     with tracker:
         record = calibrate(args, runs, oofs)
         if args.report:

@@ -20,7 +20,7 @@ import pandas as pd
 
 import dataset as data
 from maskcls import cli, faces, imaging, loaders
-from maskcls.checkpoint import check_state_name
+from maskcls.checkpoint import check_state_name, training_run
 from maskcls.fileio import atomic_write_text
 from maskcls.predictor import VOTES, InferenceError, check_submission_task, load_members, mask_genderage_pair, vote
 from maskcls.runtime import resolve_device
@@ -112,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                cache_dir=args.cache_dir, face_run=face_run)
     models = [args.mask_model_dir, args.genderage_model_dir] if args.isEnsemble else args.model_dir
 
-    def training_run(client) -> str:  # --run_id checkpoint
+    def checkpoint_run(client) -> str:  # --run_id checkpoint
         return training_run(models, client)
 
     tracker = step_tracker(args, "inference", {"data_dir": args.data_dir, "model_dir": models, "state": args.state,
                                                "weights": args.weights, "vote": args.vote, "tta": args.tta, "offsets": args.offsets,
-                                               "isEnsemble": args.isEnsemble, "images": len(paths)}, training_run)
+                                               "isEnsemble": args.isEnsemble, "images": len(paths)}, checkpoint_run)
     print(f"{len(paths)} images from {args.data_dir}, device {device}, tta {args.tta}")
     with tracker:
         if args.isEnsemble:

@@ -32,7 +32,8 @@ from torch import nn
 from maskcls.dlib import DLIB_FACE_MEAN, DLIB_FACE_STD, DlibFaceResNet, dlib_weights_file, load_dlib_face_weights
 from maskcls.hub import PretrainedUnavailable, require_hub_file, require_timm_weights
 from maskcls.task import HEAD_SIZES  # default multi-head layout [mask 3 | gender 2 | age 3]
-# Imported where used, being heavy or optional: torchvision, timm, efficientnet_pytorch and pytorch_pretrained_vit (only the builders that need them).
+# Imported where used, being heavy or optional: torchvision, timm, efficientnet_pytorch and pytorch_pretrained_vit
+# (only the builders that need them).
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -148,7 +149,7 @@ def freeze_early_stages(net: nn.Module, stages: int) -> None:
     (``conv_stem``, ``bn1``, ``blocks``) or of a network with ``stem`` and ``stages`` (DlibFaceResNet).
     The early stages run at the highest resolution, so on a CPU they cost most of the backward pass
     (EfficientNet-Lite0 128x128, stem + 2 stages frozen: a training step about 2x as fast, bench.py
-    --freeze_blocks); on real faces that cost 0.05 macro F1 (README)."""
+    --freeze_blocks); on real faces that cost 0.05 macro F1 (docs/results.md)."""
     if not stages:
         return
     if hasattr(net, "stem") and hasattr(net, "stages"):

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stochastic depth rate, e.g. 0.2 (EfficientNet / timm models; default: the model's own, off)")
     g.add_argument("--freeze_blocks", type=int, default=0, metavar="N",
                    help="freeze the stem and the first N stages of an EfficientNet / timm EfficientNet-style backbone "
-                        "(default 0: everything trains); 2 nearly doubles a CPU training step at 128x128 and cost F1 (README)")
+                        "(default 0: everything trains); 2 nearly doubles a CPU training step at 128x128 and cost F1 (docs/results.md)")
     g.add_argument("--criterion", default="cross_entropy", help="cross_entropy, focal, label_smoothing, f1")
     g.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing strength (default 0.1)")
     g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma (default 2)")
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="continue from a last.pth")
     g.add_argument("--amp", type=optional_bool, default=None,
                    help="mixed precision (default: on with CUDA; off on CPU, where bf16 is faster on CPUs with "
-                        "AVX-512 BF16/AMX but lost F1 in one of two CVs, see README)")
+                        "AVX-512 BF16/AMX but lost F1 in one of two CVs, see docs/results.md)")
     g.add_argument("--channels_last", type=optional_bool, default=None,
                    help="NHWC memory format (default: on; measured faster on CPU and CUDA, see bench.py)")
     g.add_argument("--reuse_memory", type=optional_bool, default=None,

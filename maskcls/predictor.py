@@ -142,7 +142,7 @@ def combine_probs(probs: list[np.ndarray], weights: np.ndarray, how: str = "mean
     weighted mean of their log-probabilities, renormalised (a product of experts): a class one member rules
     out loses even where another favours it. Multi-head models' classes are products of head probabilities,
     so the geometric vote decides mask, gender and age each on its own: a face model's vague mask head does
-    not blur a CNN's sure one (README "Recipes")."""
+    not blur a CNN's sure one (docs/results.md, "A face-recognition network in the vote")."""
     if how not in VOTES:
         raise InferenceError(f"unknown vote {how!r}; known: {', '.join(VOTES)}")
     w = np.asarray(weights, dtype=np.float64) / np.sum(weights)

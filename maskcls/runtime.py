@@ -35,7 +35,7 @@ def default_amp(device: torch.device) -> bool:
     """train.py's default precision: autocast on CUDA. Off on a CPU even with native bf16: there bf16
     trained EfficientNet-Lite0 128 about 1.5x faster, but in 5-fold person CVs on real faces it changed
     macro F1 by -0.040 (95% interval -0.077 to -0.003) with the 3-bin age head and by +0.018 (-0.015
-    to +0.051) with the years head (README "What wins"): not safe by default, so opt-in (--amp True)."""
+    to +0.051) with the years head (docs/results.md, "What wins"): not safe by default, so opt-in (--amp True)."""
     return device.type == "cuda"
 
 
@@ -50,7 +50,7 @@ def reuse_freed_memory() -> bool:
     By default glibc maps every block over 32 MiB afresh and unmaps it when freed (smaller ones
     also go back once the heap's free top passes a threshold); the kernel then zero-fills each 4 KiB
     page on its first touch, every training step, for every activation and every float batch. Kept
-    in the heap, the same pages are reused. Measured on 2 cores, side by side (README "Benchmark"):
+    in the heap, the same pages are reused. Measured on 2 cores, side by side (docs/benchmark.md):
     training steps 7-9% faster (DlibFaceResNet 150, EfficientNet-Lite0 128), a 64x3x224x224 float
     batch made from uint8 in about half the time. Resident memory stays at the run's peak
     instead of falling back between steps. Process-wide and lasting: call it once, in a CPU run's

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-# Imported where used, being heavy or optional: torch (only where tensors are given: metrics and evaluation stay numpy-only).
+# Imported where used, being heavy or optional: torch (only where tensors are given: metrics and evaluation stay
+# numpy-only).
 
 if TYPE_CHECKING:
     import torch

@@ -22,7 +22,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibrate import fast_macro_f1  # noqa: E402
+from maskcls.metrics import fast_macro_f1  # noqa: E402
 from maskcls.checkpoint import expand_runs, load_checkpoint  # noqa: E402
 from maskcls.task import NUM_CLASSES, decode18  # noqa: E402
 

@@ -19,8 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset as data  # noqa: E402
-from maskcls import faces  # noqa: E402
-from maskcls import imaging
+from maskcls import faces, imaging
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 #   recipes/realface_cpu.sh TRAIN_DIR EVAL_DIR OUT_DIR
 # TRAIN_DIR: competition training layout (train/ or train/images); EVAL_DIR: info.csv + images/.
 # Writes OUT_DIR/output.csv (and output_probs.csv). Training flags: recipes/realface_cpu.yaml.
-# Measured on 2 CPU cores: see README "Recipes" (wall time, and its 5-fold estimate on new people).
+# Measured on 2 CPU cores: see docs/results.md (wall time, and its 5-fold estimate on new people).
 # SEED=N (default 0) changes the initialisation of the new heads and the data order;
 # MODELS=face (default) trains `face`: dlib's face-recognition network (DlibFaceResNet, pretrained on faces),
 # its last two stages fine-tuned with three new heads, 6 epochs with flips, shifts/scales and colour jitter:
@@ -15,7 +15,7 @@
 # EfficientNet-Lite0 with flip + shift/scale + colour jitter, dropout and stochastic depth, and `faceprobe` the
 # face network frozen, linear heads only (the earlier default, MODELS="fastaug faceprobe"). A name given twice trains that model again with
 # the next seed (MODELS="fastaug96 fastaug96": two 96x96 models, seeds SEED and SEED+1). VOTE=mean averages
-# probabilities instead (the earlier votes' rule). README: each one's 5-fold estimate and wall time;
+# probabilities instead (the earlier votes' rule). docs/results.md: each one's 5-fold estimate and wall time;
 # `erase` adds random erasing, measured no better.
 # TRACKING_URI=... logs the runs to MLflow (default: none, so the recipe writes nothing else).
 set -euo pipefail

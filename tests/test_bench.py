@@ -38,7 +38,7 @@ def test_bench_main_prints_table_and_final_json(capsys):
     from maskcls.runtime import default_amp
     import torch
 
-    assert not default_amp(torch.device("cpu"))  # bf16 cost F1 on a CPU (README): fp32 there
+    assert not default_amp(torch.device("cpu"))  # bf16 cost F1 on a CPU (docs/results.md): fp32 there
     assert result["train_default"] == "train_fp32_channels_last_ips"
     assert result["infer_default"] == "infer_channels_last_ips"  # fp32 on a CPU, as inference.py runs there
     assert result["train_ips"] == result[result["train_default"]] and result["infer_ips"] == result[result["infer_default"]]

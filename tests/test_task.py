@@ -20,8 +20,8 @@ import dataset as data
 import inference
 import train
 from maskcls.checkpoint import CheckpointError, build_model, load_checkpoint, set_decision
-from maskcls.task import (AGE_THRESHOLDS, Task, age_group_probs_from_survival, apply_offsets, decide, get_task, join_labels,
-                  split_labels, split_probs, task_of)
+from maskcls.task import (AGE_THRESHOLDS, Task, age_group_probs_from_survival, apply_offsets, decide, get_task,
+                          join_labels, split_labels, split_probs, task_of)
 from maskcls import imaging
 from maskcls import augment
 from maskcls import loaders
