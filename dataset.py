@@ -1,10 +1,10 @@
-"""Data layer: labels, discovery of the competition layout, person-level splits,
-datasets, augmentations and the decoded-image cache.
+"""Data: discovery of the competition layout (labels from folder and file names), person-level splits (and
+the split a run records for --resume), the datasets, and the augmentation presets a competitor edits.
 
-Pipeline, in one line: decode + crop + resize once (optionally cached as uint8 in a
-memmap) -> cheap uint8 augmentation in the workers, colour jitter included -> uint8 batch
-to the device -> normalisation there (`BatchTransform`). Validation and
-inference use the same path without the random parts.
+Pipeline, in one line: decode + crop + resize once (maskcls/imaging.py, optionally cached as uint8 in a
+memmap) -> cheap uint8 augmentation in the workers, colour jitter included (maskcls/augment.py) -> uint8 batch
+to the device -> normalisation there (`BatchTransform`). Validation and inference use the same path without
+the random parts. Loaders are made by maskcls/loaders.py, label overrides read by maskcls/overrides.py.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -31,8 +30,6 @@ from maskcls.overrides import LabelOverrides, read_label_overrides
 from maskcls.task import (DEFAULT_AGE_BINS, GENDERS, MASK_KINDS, MAX_AGE, NUM_CLASSES, Task, age_label, encode_class,
                           get_task, task_target)
 # Imported where used, being heavy or optional: scikit-learn's splitters and albumentations (only their presets).
-
-cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubscribe the cores
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 # Folders the OS leaves beside the data (macOS zips: __MACOSX; Synology NAS: @eaDir): never a person.
@@ -231,6 +228,7 @@ def kfold_split(samples: Sequence[Sample], k: int, fold: int, seed: int,
     return train_idx.tolist(), val_idx.tolist()
 
 
+# --------------------------------------------------------------------------- augmentation presets
 AUGMENTATIONS: dict[str, Callable[[], Augmentation]] = {}
 
 

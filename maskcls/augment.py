@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 
-# --------------------------------------------------------------------------- augmentations
 @dataclass
 class Augmentation:
     """What a named augmentation does, split by where it runs.

@@ -14,7 +14,6 @@ import torch.distributed as dist
 # Imported where used, being heavy or optional: tqdm (only on a terminal).
 
 
-# --------------------------------------------------------------------------- process helpers
 def log(*args) -> None:
     if is_main():
         print(*args, flush=True)

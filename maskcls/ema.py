@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 
-# --------------------------------------------------------------------------- optimisation
 class ModelEma(nn.Module):
     """Exponential moving average of the weights (and buffers) with a warmed-up decay,
     min(decay, (1 + n) / (10 + n)) after n updates, as timm's ModelEmaV3 does: a fixed 0.999

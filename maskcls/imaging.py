@@ -21,6 +21,8 @@ from maskcls.cli import DataError
 from maskcls.fileio import atomic_write_text
 # Imported where used, being heavy or optional: torchvision's JPEG decoder (optional: OpenCV decodes without it).
 
+cv2.setNumThreads(1)  # workers parallelise; OpenCV's own threads would oversubscribe the cores
+
 # In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; anything else
 # after a run of 0xFF (fill bytes) is the next marker.
 _JPEG_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")

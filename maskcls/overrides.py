@@ -15,7 +15,6 @@ from maskcls.task import GENDER_NAMES, GENDERS, MASK_KINDS, MAX_AGE
 S = TypeVar("S")  # dataset.Sample: a frozen dataclass with person, path, kind, mask, gender and age
 
 
-# --------------------------------------------------------------------------- label overrides
 OVERRIDE_COLUMNS = ("person", "image", "kind", "score", "label", "suggested")  # audit.py's audit.csv
 
 

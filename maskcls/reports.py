@@ -33,7 +33,6 @@ class Validation:
         self.pred = self.probs.argmax(1)
 
 
-# --------------------------------------------------------------------------- outputs of a validation
 def report_validation(val: Validation, truth: np.ndarray, task: Task, age_bins, epoch: int,
                       saver: CheckpointSaver) -> dict:
     """Per-class table and scores, given to the `saver` (its best scores); returns the val_* metrics."""

@@ -6,7 +6,6 @@ import math
 import torch
 
 
-# --------------------------------------------------------------------------- data
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffled (or class-weighted, with replacement) order for one epoch, sharded over
     processes. Seeded by (seed, epoch), so every rank agrees and --resume replays it."""

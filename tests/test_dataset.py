@@ -976,7 +976,7 @@ def test_jpeg_decoders_agree_and_other_files_take_the_opencv_way(tmp_path):
         im.save(tmp_path / name, quality=90, **options)
         fast = imaging.decode_jpeg_rgb(tmp_path / name)
         assert fast.shape == (48, 32, 3) and fast.dtype == np.uint8 and fast.flags.c_contiguous
-        assert np.array_equal(fast, data.cv2.imread(str(tmp_path / name), data.cv2.IMREAD_COLOR)[..., ::-1]), name
+        assert np.array_equal(fast, imaging.cv2.imread(str(tmp_path / name), imaging.cv2.IMREAD_COLOR)[..., ::-1]), name
     Image.fromarray(rgb).save(tmp_path / "a.png")
     (tmp_path / "png-named.jpg").write_bytes((tmp_path / "a.png").read_bytes())
     (tmp_path / "header-only.jpg").write_bytes((tmp_path / "colour.jpg").read_bytes()[:40])
