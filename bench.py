@@ -12,7 +12,7 @@ Measures, on the same images:
   normalisation, batched, on the device; its time counts). cold = the first epoch, decoding and filling
   a fresh cache; warm = later epochs; second run = a new ImageStore on the completed cache (a new
   training run), whose decode count must be 0;
-- for num_workers 0 and each --num_workers value (default: 0 and dataset.default_num_workers()).
+- for num_workers 0 and each --num_workers value (default: 0 and maskcls.loaders.default_num_workers()).
   The ratios (toolkit / reference, "one worker") use num_workers 0 for both: one process does all the
   work, so they compare the pipelines' cost rather than how many cores the machine has;
 - a real training loop (the loader feeding the default training step) for --loop_steps batches, with
@@ -287,7 +287,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, device: 
 
 
 # Model variants: (channels_last, autocast). The toolkit's defaults: channels_last, and autocast where
-# model.default_amp says (CUDA only: on a CPU bf16 is faster but was not F1-safe).
+# runtime.default_amp says (CUDA only: on a CPU bf16 is faster but was not F1-safe).
 TRAIN_VARIANTS = {"train_fp32_ips": (False, False), "train_fp32_channels_last_ips": (True, False),
                   "train_amp_channels_last_ips": (True, True)}
 FREEZE_VARIANT = "train_fp32_channels_last_frozen_ips"  # with --freeze_blocks N: only the later stages learn
@@ -297,7 +297,7 @@ INFER_VARIANTS = {"infer_contiguous_ips": (False, False), "infer_channels_last_i
 
 def default_variant(device: torch.device, variants: dict[str, tuple[bool, bool]]) -> str:
     """The one of `variants` train.py and inference.py use by default here: channels_last, and autocast
-    where model.default_amp says (CUDA)."""
+    where runtime.default_amp says (CUDA)."""
     return next(name for name, variant in variants.items() if variant == (True, default_amp(device)))
 
 
@@ -647,7 +647,8 @@ def main(argv: list[str] | None = None) -> dict:
         "second_run_ips": one["second_run_ips"],
         "second_run_decodes": one["second_run_decodes"],
         **model_result, **loop,
-        "default_workers_cache": 0, "default_workers_decode": loaders.default_num_workers(cpu_training=device.type == "cpu"),
+        "default_workers_cache": loaders.default_num_workers(cached=True),
+        "default_workers_decode": loaders.default_num_workers(cpu_training=device.type == "cpu"),
         "resize": list(args.resize), "model": args.model, "freeze_blocks": args.freeze_blocks, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

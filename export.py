@@ -69,7 +69,7 @@ class ExportTask(Task):
 
 
 class ExportableModel(nn.Module):
-    """One checkpoint: uint8 NHWC RGB batch -> its class probabilities, as inference.predict_probs
+    """One checkpoint: uint8 NHWC RGB batch -> its class probabilities, as predictor.predict_probs
     computes them (`tta` "hflip": averaged with the mirrored batch)."""
 
     def __init__(self, ckpt: dict, tta: str = "none") -> None:
@@ -81,7 +81,7 @@ class ExportableModel(nn.Module):
         self.hflip = tta == "hflip"
         mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(pre["std"], dtype=torch.float32).view(1, 3, 1, 1)
-        # the same per-channel scale and shift as dataset.BatchTransform, so the network sees the same input
+        # the same per-channel scale and shift as augment.BatchTransform, so the network sees the same input
         self.register_buffer("scale", 1.0 / (255.0 * std))
         self.register_buffer("shift", -mean / std)
 
@@ -278,7 +278,7 @@ def describe_size(ckpt: dict) -> str:
     crop, face = pre.get("crop"), pre.get("face")
     if face:  # the detector stays outside the file
         return (f"cut each photo's aligned face crop ({face['geometry']}, {h}x{w}) with the toolkit's face stage "
-                f"(dataset.face_store(paths, checkpoint['preprocess']), as inference.py does)")
+                f"(imaging.face_store(paths, checkpoint['preprocess']), as inference.py does)")
     return (f"crop {crop[0]} {crop[1]}x{crop[2]} (in 384x512-photo pixels), then resize to {h}x{w}"
             if crop else f"resize to {h}x{w} (H x W)")
 

@@ -138,10 +138,8 @@ def resolve_settings(args: argparse.Namespace, device: torch.device, world: int,
     age_bins = tuple(args.age_bins)
     if args.amp and (note := slow_amp_warning(device)):
         log(f"warning: --amp True: {note}")
-    # With the cache nothing is decoded after the first epoch: a worker only adds IPC (bench.py).
-    cpu_training = device.type == "cpu"
     workers = args.num_workers if args.num_workers is not None else \
-        (0 if args.cache else loaders.default_num_workers(cpu_training))
+        loaders.default_num_workers(cpu_training=device.type == "cpu", cached=args.cache)
     return Settings(task=task, resize=resize, age_bins=age_bins, score_age_bins=tuple(args.score_age_bins or age_bins),
                     amp=default_amp(device) if args.amp is None else args.amp,
                     channels_last=True if args.channels_last is None else args.channels_last,

@@ -274,7 +274,7 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def warp(img: np.ndarray, matrix: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """The crop of `size` (H, W) that `matrix` (photo -> crop) cuts from `img`, antialiased when it shrinks:
-    a box blur about as wide as the shrink factor first (as `dataset.preprocess` resizes), then bilinear."""
+    a box blur about as wide as the shrink factor first (as `imaging.preprocess` resizes), then bilinear."""
     shrink = 1.0 / max(math.hypot(matrix[0, 0], matrix[1, 0]), 1e-12)  # photo pixels per crop pixel
     if shrink >= 1.5:
         k = int(math.ceil(shrink))

@@ -12,13 +12,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 
-def default_num_workers(cpu_training: bool = False) -> int:
-    """One worker per core beyond the main process's, at most 8 (more rarely helps). None when the
+def default_num_workers(cpu_training: bool = False, cached: bool = False) -> int:
+    """The DataLoader worker count when none is asked for (training, inference and bench.py ask here). One
+    worker per core beyond the main process's, at most 8 (more rarely helps). None when the
     model trains on a CPU of 2 cores or fewer: there a worker takes a core from the model's threads,
     and bench.py's training loop decoding every image ran 25-26 img/s with no worker against 19-21
-    with one (ResNet18 224x224, 2 cores; 22 against 13 before this toolkit's faster decoding)."""
+    with one (ResNet18 224x224, 2 cores; 22 against 13 before this toolkit's faster decoding). None with
+    `cached` images (train.py --cache): nothing is decoded after the first epoch, so a worker only adds IPC."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cpu_training and cores <= 2:
+    if cached or (cpu_training and cores <= 2):
         return 0
     return max(0, min(8, cores - 1))
 

@@ -374,8 +374,6 @@ def test_cpu_defaults_reuse_memory_and_no_decoding_worker_on_two_cores(tiny_trai
                                                                        monkeypatch, capsys):
     """On a 2-core CPU train.py decodes in the main process (no worker) and asks malloc to keep freed
     memory, and config.json records both; --reuse_memory False leaves malloc alone."""
-    import model as zoo
-
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     calls = []
     monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: calls.append(1) or True)
@@ -395,12 +393,12 @@ def test_default_num_workers_by_cores_and_device(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         assert loaders.default_num_workers(cpu_training=True) == cpu, cores
         assert loaders.default_num_workers() == gpu, cores
+        assert loaders.default_num_workers(cached=True) == 0, cores  # --cache: nothing left to decode after epoch 1
 
 
 def test_reuse_freed_memory_sets_glibc_malloc_or_says_no(monkeypatch):
     import platform
 
-    import model as zoo
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert runtime.reuse_freed_memory() is True
