@@ -34,7 +34,6 @@ import numpy as np
 
 from maskcls import cli, metrics
 from maskcls.fileio import path_escape
-from maskcls.gallery import error_rows, save_error_gallery
 from maskcls.task import DEFAULT_AGE_BINS, NUM_CLASSES, class_names
 from maskcls.tracking import add_tracking_flags, class_metrics, step_tracker
 
@@ -184,6 +183,7 @@ def read_probs(path: Path, ids: Sequence[str]) -> np.ndarray:
 def error_gallery(images: str, pred: Path, probs_file: str | None, out: str | None, ids: Sequence[str],
                   y_true: np.ndarray, y_pred: np.ndarray, age_bins: Sequence[int]) -> Path:
     """errors.png: per true class, the most confident mistakes (gallery.py); returns where it went."""
+    from maskcls.gallery import error_rows, save_error_gallery  # torch, through image decoding: only --images
     escaping = [(i, reason) for i in ids if (reason := path_escape(i))]
     if escaping:  # ImageIDs come from the prediction and gt files: they must not reach outside --images
         raise EvaluationError(f"ImageID {escaping[0][0]!r} is {escaping[0][1]}, outside the images folder "
