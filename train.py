@@ -44,19 +44,16 @@ from maskcls.distributed import (broadcast, is_main, log, progress, rng_state, s
                                  setup_distributed)
 from maskcls.ema import ModelEma
 from maskcls.fileio import atomic_write_text, free_run_dir, unique_dir
-from maskcls.metrics import evaluate_predictions
 from maskcls.mixing import mix_batch
 from maskcls.optim import Optimisation
 from maskcls.overrides import read_label_overrides
 from maskcls.reports import Validation, interrupted_message, log_epoch, report_validation, write_validation_outputs
-from maskcls.runtime import amp_dtype
 from maskcls.samplers import EpochSampler
 from maskcls.saver import CheckpointSaver, new_best
 from maskcls.schedulers import SCHEDULERS, make_scheduler, scheduler_info
 from maskcls.task import AGE_HEADS, AGE_THRESHOLDS, DEFAULT_AGE_BINS, TASK_CLASSES, Task, check_age_bins
 from maskcls.tracking import (DEFAULT_EXPERIMENT, Tracker, TrackingError, check_model_name, require_tracking,
                               resolve_experiment, resolve_tracking_uri, resolve_user)
-from model import trainable_parameters
 # Imported where used, being heavy: maskcls.pyfunc (mlflow's model flavour; only a tracked run logs a model).
 
 DEMO_DIR = Path("data/demo")
@@ -360,11 +357,11 @@ def build_optimisation(args: argparse.Namespace, model: nn.Module, task: Task, t
         weights = tuple(weights) if task.multihead else weights[0]
     criterion = loss.criterion_for(task, args.criterion, class_weights=weights, age_bins=tuple(args.age_bins),
                                    smoothing=args.smoothing, gamma=args.focal_gamma, head_weights=tuple(args.head_weights))
-    params = trainable_parameters(model)
+    params = zoo.trainable_parameters(model)
     optimizer = getattr(torch.optim, args.optimizer)(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.scheduler, args.lr, args.epochs, steps_per_epoch, args.warmup_epochs,
                                args.lr_decay_step)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and runtime.amp_dtype(device) == torch.float16)
     ema = ModelEma(model, args.ema) if args.ema > 0 else None
     return Optimisation(criterion, optimizer, scheduler, scaler, ema, params, args.accum_steps, args.clip_grad,
                         args.mixup, args.cutmix, per_step_scheduler=scheduler_info(args.scheduler).per_step)
@@ -377,7 +374,7 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimisation, transform, task
     """One pass over `loader`; returns train_loss, train_acc, lr, epoch_time, train_images(_per_s),
     summed over all processes. `model` is what runs forward (DDP / compiled); `ema_source` the
     plain module the EMA follows (default `model`)."""
-    dtype = amp_dtype(device)
+    dtype = runtime.amp_dtype(device)
     mixing = opt.mixup > 0 or opt.cutmix > 0
     model.train()
     started = time.perf_counter()
@@ -431,7 +428,7 @@ def validate(model: nn.Module, loader, criterion: nn.Module, transform, task: Ta
         for buffer in model.buffers():  # score with rank 0's copy, the one that gets saved
             dist.broadcast(buffer, src=0)
     logits_all, loss_sum = [], 0.0
-    with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+    with torch.autocast(device.type, dtype=runtime.amp_dtype(device), enabled=amp):
         for images, targets in progress(loader, "val"):
             images = transform(images.to(device, non_blocking=True), train=False)
             logits = model(images).float()
@@ -660,7 +657,7 @@ def train_folds(args: argparse.Namespace, s: Settings, parent_dir: Path, first: 
         result = train_run(fold_args, rank, world, device, parent=parent)
         if result.exit_code:  # ends the parent MLflow run as KILLED too
             raise cli.Interrupted(result.exit_code - 128)
-    summary = summarise_folds([parent_dir / f"fold{fold}" for fold in range(args.kfold)], s.task, evaluate_predictions)
+    summary = summarise_folds([parent_dir / f"fold{fold}" for fold in range(args.kfold)], s.task)
     if is_main():
         atomic_write_text(parent_dir / "cv.json", json.dumps(summary, indent=2))
         parent.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, step=0)

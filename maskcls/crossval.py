@@ -8,10 +8,11 @@ from typing import Sequence
 import numpy as np
 
 from maskcls.checkpoint import load_checkpoint
+from maskcls.metrics import evaluate_predictions
 from maskcls.task import Task
 
 
-def summarise_folds(runs: Sequence[Path], task: Task, evaluate) -> dict:
+def summarise_folds(runs: Sequence[Path], task: Task) -> dict:
     """Mean and sample standard deviation over folds of each best-F1 epoch's scores, and the macro F1
     of all out-of-fold predictions pooled (every person scored once, by the fold that never saw them)."""
     per_fold, probs, labels = [], [], []
@@ -22,7 +23,7 @@ def summarise_folds(runs: Sequence[Path], task: Task, evaluate) -> dict:
                          ckpt["metrics"] if k.startswith("val_")}, "last_val_f1": last["metrics"].get("val_f1")})
         probs.append(np.load(run / "val_probs.npy"))
         labels.append(np.load(run / "val_labels.npy"))
-    pooled = evaluate(np.concatenate(labels), np.concatenate(probs).argmax(1), task.report_task)
+    pooled = evaluate_predictions(np.concatenate(labels), np.concatenate(probs).argmax(1), task.report_task)
     summary: dict = {"folds": per_fold}
     for key in [k for k in per_fold[0] if k.startswith("val_") or k == "last_val_f1"]:
         values = np.array([f[key] for f in per_fold], dtype=np.float64)
